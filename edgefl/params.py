@@ -1,0 +1,67 @@
+"""Model parameters as ordered name -> float32 numpy arrays, and their conversions.
+
+Every tier exchanges and averages ``Params``; torch only appears at the edges
+(``from_module`` / ``load_into``). Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+Spec = dict[str, tuple[int, ...]]
+
+
+def spec_of(params: Mapping[str, np.ndarray]) -> Spec:
+    """The names and shapes that every update for this model must match."""
+    return {name: tuple(int(d) for d in arr.shape) for name, arr in params.items()}
+
+
+def num_parameters(params: Mapping[str, np.ndarray]) -> int:
+    return int(sum(arr.size for arr in params.values()))
+
+
+def subtract(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Params:
+    """``a - b`` tensor by tensor, in float32."""
+    return {name: (a[name] - b[name]).astype(np.float32, copy=False) for name in a}
+
+
+def add(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Params:
+    """``a + b`` tensor by tensor, in float32."""
+    return {name: (a[name] + b[name]).astype(np.float32, copy=False) for name in a}
+
+
+def l2_norm(params: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of all tensors taken together, accumulated in float64."""
+    return float(np.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in params.values())))
+
+
+def copy(params: Mapping[str, np.ndarray]) -> Params:
+    return {name: np.array(arr, dtype=np.float32, copy=True) for name, arr in params.items()}
+
+
+def zeros_like(params: Mapping[str, np.ndarray]) -> Params:
+    return {name: np.zeros_like(arr, dtype=np.float32) for name, arr in params.items()}
+
+
+def from_module(module: object) -> Params:
+    """The floating-point state of a ``torch.nn.Module`` as float32 numpy arrays."""
+    state = module.state_dict()  # type: ignore[attr-defined]
+    return {
+        name: t.detach().to("cpu").float().numpy().copy()
+        for name, t in state.items()
+        if t.is_floating_point()
+    }
+
+
+def load_into(module: object, params: Mapping[str, np.ndarray]) -> None:
+    """Copy ``params`` into a ``torch.nn.Module`` in place (names must match)."""
+    import torch
+
+    state = module.state_dict()  # type: ignore[attr-defined]
+    with torch.no_grad():
+        for name, arr in params.items():
+            target = state[name]
+            target.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(target.dtype))

@@ -1,0 +1,490 @@
+"""Wire schemas and codecs: Update and Model as msgpack, Status and Metrics as JSON.
+
+Decoding untrusted bytes returns a valid object or raises ``UpdateRejected``;
+nothing else escapes. Sizes are checked before parsing. No I/O here.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .params import Params, Spec
+
+SCHEMA_VERSION = 1
+#: Version of the JSON monitoring payloads (Status, Metrics).
+MONITOR_SCHEMA = 1
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class Reason(str, enum.Enum):
+    """Why an incoming update (or chunk) was refused. Counted per reason in Metrics."""
+
+    MALFORMED = "malformed"
+    OVERSIZED = "oversized"
+    SHAPE = "shape"
+    NONFINITE = "nonfinite"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    UNKNOWN_SENDER = "unknown_sender"
+    BAD_SIGNATURE = "bad_signature"
+    NORM = "norm"
+    CHUNK_TIMEOUT = "chunk_timeout"
+
+
+class UpdateRejected(Exception):
+    """An incoming message failed validation; ``reason`` says which check."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class TrainConfig(_Strict):
+    """Local training settings that a node sends to its children with each Model."""
+
+    epochs: int = Field(1, ge=1, le=1000, description="local epochs per round")
+    batch_size: int = Field(32, ge=1, le=65536)
+    lr: float = Field(0.05, gt=0, le=10)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    mu: float = Field(0.0, ge=0, description="FedProx proximal term; 0 is plain FedAvg")
+    clip: float | None = Field(None, gt=0, description="max gradient norm, none to disable")
+    accum: int = Field(1, ge=1, le=1024, description="gradient accumulation steps")
+    deadline_s: float = Field(30.0, gt=0, description="seconds until the round closes")
+
+
+class QTensor(_Strict):
+    """One tensor of an update: ``x = lo + scale * q``, ``q`` uint8 (or raw float32)."""
+
+    name: str = Field(min_length=1, max_length=256)
+    shape: list[int]
+    lo: float
+    scale: float
+    q: bytes
+    #: ``u8`` (the default) or ``f32`` (raw little-endian float32 in ``q``, lo=0, scale=1).
+    dtype: Literal["u8", "f32"] = "u8"
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if len(v) > 8 or any(d < 0 for d in v):
+            raise ValueError("bad shape")
+        return v
+
+
+class Update(_Strict):
+    """A child's quantized delta against model version ``base``."""
+
+    v: int = SCHEMA_VERSION
+    sender: str = Field(pattern=ID_PATTERN)
+    seq: int = Field(ge=0)
+    round: int = Field(ge=0)
+    base: int = Field(ge=0)
+    n: int = Field(ge=1, description="samples behind this update (its FedAvg weight)")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    tensors: list[QTensor]
+    sig: bytes | None = None
+
+
+class FTensor(_Strict):
+    """One dense tensor of a model: float32 or float16, little-endian."""
+
+    name: str = Field(min_length=1, max_length=256)
+    shape: list[int]
+    dtype: Literal["f32", "f16"] = "f32"
+    data: bytes
+
+
+class Model(_Strict):
+    """A node's current model, published retained to its children."""
+
+    v: int = SCHEMA_VERSION
+    sender: str = Field(pattern=ID_PATTERN)
+    version: int = Field(ge=0)
+    round: int = Field(ge=0)
+    tensors: list[FTensor]
+    config: TrainConfig = Field(default_factory=TrainConfig)
+    #: device ids asked to train this round; empty means "any eligible child".
+    selected: list[str] = Field(default_factory=list)
+    #: wall-clock time (unix seconds) at which the round closes.
+    deadline: float = 0.0
+
+
+class Status(_Strict):
+    """Liveness and profile of a child, retained, JSON. The LWT is ``online: false``."""
+
+    schema_: int = Field(MONITOR_SCHEMA, alias="schema")
+    online: bool
+    role: Literal["device", "gateway", "cloud"] = "device"
+    id: str = Field("", max_length=64)
+    battery: float | None = Field(None, ge=0, le=1)
+    charging: bool = True
+    link: Literal["ethernet", "wifi", "cellular", "unknown"] = "unknown"
+    uplink_kbps: float | None = Field(None, ge=0)
+    buffered: int = Field(0, ge=0)
+    model_version: int | None = None
+    eligible: bool = True
+    reason: str = ""
+    ts: float = Field(default_factory=time.time)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ---------------------------------------------------------------- msgpack codec
+
+_UNPACK_LIMITS = {
+    "max_str_len": 1 << 16,
+    "max_array_len": 1 << 16,
+    "max_map_len": 1 << 12,
+    "max_ext_len": 0,
+}
+
+
+def _pack(obj: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(data: bytes, max_bytes: int) -> dict[str, Any]:
+    if len(data) > max_bytes:
+        raise UpdateRejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, max_bin_len=max_bytes, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise UpdateRejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise UpdateRejected(Reason.MALFORMED, "not a map")
+    return obj
+
+
+def _signed_body(fields: Mapping[str, Any]) -> bytes:
+    """Canonical bytes an update's signature covers: every field but ``sig``, keys sorted."""
+    return _pack({k: fields[k] for k in sorted(fields) if k != "sig"})
+
+
+def sign(update: Update, key: bytes) -> Update:
+    """Return ``update`` with ``sig`` = HMAC-SHA256 of its other fields under ``key``."""
+    body = _signed_body(update.model_dump(exclude={"sig"}))
+    return update.model_copy(update={"sig": hmac.new(key, body, hashlib.sha256).digest()})
+
+
+def verify(update: Update, key: bytes) -> None:
+    """Raise ``UpdateRejected(bad_signature)`` unless ``update.sig`` matches ``key``."""
+    if update.sig is None:
+        raise UpdateRejected(Reason.BAD_SIGNATURE, "unsigned")
+    body = _signed_body(update.model_dump(exclude={"sig"}))
+    expected = hmac.new(key, body, hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, update.sig):
+        raise UpdateRejected(Reason.BAD_SIGNATURE, "signature mismatch")
+
+
+def encode_update(update: Update) -> bytes:
+    return _pack(update.model_dump(exclude_none=True))
+
+
+def decode_update(
+    data: bytes,
+    spec: Spec | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Update:
+    """Parse and validate untrusted bytes as an Update.
+
+    With ``spec`` the tensor names and shapes must match the model exactly.
+    Signature, duplicate, staleness and norm checks need node state and are
+    the aggregator's job.
+    """
+    obj = _unpack(data, max_bytes)
+    if obj.get("v") != SCHEMA_VERSION:
+        raise UpdateRejected(Reason.MALFORMED, f"schema version {obj.get('v')!r}")
+    try:
+        update = Update.model_validate(obj)
+    except ValidationError as exc:
+        raise UpdateRejected(Reason.MALFORMED, _first_error(exc)) from None
+    check_tensors(update, spec)
+    return update
+
+
+def check_tensors(update: Update, spec: Spec | None) -> None:
+    """Sizes, finiteness of ``lo``/``scale``, and names/shapes against ``spec``."""
+    for t in update.tensors:
+        count = math.prod(t.shape)
+        width = 1 if t.dtype == "u8" else 4
+        if len(t.q) != count * width:
+            raise UpdateRejected(Reason.SHAPE, f"{t.name}: {len(t.q)} bytes for shape {t.shape}")
+        if not (math.isfinite(t.lo) and math.isfinite(t.scale)) or t.scale < 0:
+            raise UpdateRejected(Reason.NONFINITE, f"{t.name}: lo={t.lo} scale={t.scale}")
+        if t.dtype == "f32" and not np.isfinite(np.frombuffer(t.q, dtype="<f4")).all():
+            raise UpdateRejected(Reason.NONFINITE, f"{t.name}: non-finite values")
+    if spec is None:
+        return
+    got = {t.name: tuple(t.shape) for t in update.tensors}
+    if len(got) != len(update.tensors) or got != dict(spec):
+        missing = sorted(set(spec) - set(got))
+        extra = sorted(set(got) - set(spec))
+        wrong = sorted(n for n in set(got) & set(spec) if got[n] != tuple(spec[n]))
+        raise UpdateRejected(
+            Reason.SHAPE, f"missing={missing[:3]} extra={extra[:3]} wrong_shape={wrong[:3]}"
+        )
+
+
+def encode_model(model: Model) -> bytes:
+    return _pack(model.model_dump())
+
+
+def decode_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Model:
+    """Parse a Model; raises ``UpdateRejected(malformed|oversized|shape)`` on bad input."""
+    obj = _unpack(data, max_bytes)
+    if obj.get("v") != SCHEMA_VERSION:
+        raise UpdateRejected(Reason.MALFORMED, f"schema version {obj.get('v')!r}")
+    try:
+        model = Model.model_validate(obj)
+    except ValidationError as exc:
+        raise UpdateRejected(Reason.MALFORMED, _first_error(exc)) from None
+    for t in model.tensors:
+        width = 4 if t.dtype == "f32" else 2
+        if len(t.data) != math.prod(t.shape) * width:
+            raise UpdateRejected(Reason.SHAPE, f"{t.name}: {len(t.data)} bytes for {t.shape}")
+    return model
+
+
+def model_tensors(params: Params, dtype: Literal["f32", "f16"] = "f32") -> list[FTensor]:
+    """Dense wire tensors of ``params`` (float16 halves the downlink)."""
+    np_dtype = "<f4" if dtype == "f32" else "<f2"
+    return [
+        FTensor(name=n, shape=list(a.shape), dtype=dtype, data=a.astype(np_dtype).tobytes())
+        for n, a in params.items()
+    ]
+
+
+def model_params(model: Model) -> Params:
+    """The float32 parameters carried by a Model."""
+    return {
+        t.name: np.frombuffer(t.data, dtype="<f4" if t.dtype == "f32" else "<f2")
+        .astype(np.float32)
+        .reshape(t.shape)
+        for t in model.tensors
+    }
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{where}: {err.get('msg', 'invalid')}"[:200]
+
+
+# ------------------------------------------------------------------ JSON codec
+
+
+def encode_status(status: Status) -> bytes:
+    return status.model_dump_json(by_alias=True).encode()
+
+
+def decode_status(data: bytes, *, max_bytes: int = 64 * 1024) -> Status:
+    if len(data) > max_bytes:
+        raise UpdateRejected(Reason.OVERSIZED, f"status of {len(data)} bytes")
+    try:
+        return Status.model_validate_json(data)
+    except ValidationError as exc:
+        raise UpdateRejected(Reason.MALFORMED, _first_error(exc)) from None
+
+
+MetricValue = float | int | str | bool | None
+
+
+def encode_metrics(role: str, sender: str, fields: Mapping[str, MetricValue]) -> bytes:
+    """Metrics are a flat JSON object: ``schema``, ``role``, ``id``, ``ts``, then the fields."""
+    doc: dict[str, MetricValue] = {"schema": MONITOR_SCHEMA, "role": role, "id": sender}
+    doc["ts"] = round(time.time(), 3)
+    doc.update(fields)
+    return json.dumps(doc, allow_nan=False, default=float).encode()
+
+
+def decode_metrics(data: bytes) -> dict[str, MetricValue]:
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise UpdateRejected(Reason.MALFORMED, f"metrics not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise UpdateRejected(Reason.MALFORMED, "metrics not an object")
+    return doc
+
+
+# -------------------------------------------------------------------- chunking
+
+_CHUNK_MARK = b"\xa5chunk"  # msgpack fixstr "chunk": the first key of every chunk map
+_CHUNK_OVERHEAD = 200
+
+
+def is_chunk(payload: bytes) -> bool:
+    """Cheap test, no parsing: chunk maps always start with the key ``chunk``."""
+    return len(payload) > 7 and 0x80 <= payload[0] <= 0x8F and payload[1:7] == _CHUNK_MARK
+
+
+def split(payload: bytes, max_bytes: int, *, chunk_id: str | None = None) -> list[bytes]:
+    """Split ``payload`` into chunk messages of at most ``max_bytes`` each.
+
+    A payload that fits travels whole (the list holds it unchanged).
+    """
+    if len(payload) <= max_bytes:
+        return [payload]
+    part_size = max_bytes - _CHUNK_OVERHEAD
+    if part_size < 1024:
+        raise ValueError(f"max_bytes={max_bytes} is too small to chunk (need >= 1224)")
+    digest = hashlib.sha256(payload).digest()
+    cid = chunk_id or digest[:8].hex()
+    total = -(-len(payload) // part_size)
+    return [
+        _pack(
+            {
+                "chunk": 1,
+                "id": cid,
+                "index": i,
+                "total": total,
+                "sha256": digest,
+                "part": payload[i * part_size : (i + 1) * part_size],
+            }
+        )
+        for i in range(total)
+    ]
+
+
+class _PendingSet:
+    __slots__ = ("digest", "first_seen", "parts", "size", "total")
+
+    def __init__(self, total: int, digest: bytes, now: float) -> None:
+        self.total = total
+        self.digest = digest
+        self.first_seen = now
+        self.parts: dict[int, bytes] = {}
+        self.size = 0
+
+
+class Reassembler:
+    """Rebuilds chunked payloads in bounded memory.
+
+    Duplicated chunks are ignored, reordered ones are fine, a corrupted set
+    fails its digest (``malformed``), a set missing chunks expires after
+    ``timeout_s`` (``chunk_timeout``, counted in ``expired``). When pending
+    bytes or sets would pass their caps, the oldest sets are dropped first.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_pending_bytes: int = 256 * 1024 * 1024,
+        max_sets: int = 1024,
+        timeout_s: float = 60.0,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self.max_pending_bytes = max_pending_bytes
+        self.max_sets = max_sets
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._sets: dict[tuple[str, str], _PendingSet] = {}
+        self.pending_bytes = 0
+        self.expired = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def feed(self, source: str, payload: bytes) -> bytes | None:
+        """Give one message from ``source``; returns a whole payload when one is complete.
+
+        A message that is not a chunk is returned as is.
+        """
+        if not is_chunk(payload):
+            return payload
+        self.expire()
+        chunk = self._parse(payload)
+        key = (source, chunk["id"])
+        pending = self._sets.get(key)
+        if pending is None:
+            pending = _PendingSet(chunk["total"], chunk["sha256"], self._clock())
+            self._sets[key] = pending
+        elif pending.total != chunk["total"] or pending.digest != chunk["sha256"]:
+            self._drop(key)
+            raise UpdateRejected(Reason.MALFORMED, "chunk disagrees with its set")
+        index, part = chunk["index"], chunk["part"]
+        if index in pending.parts:
+            return None  # duplicate delivery (QoS 1 may redeliver)
+        if pending.size + len(part) > self.max_payload_bytes:
+            self._drop(key)
+            raise UpdateRejected(Reason.OVERSIZED, "chunked payload exceeds the limit")
+        self._make_room(len(part), keep=key)
+        pending.parts[index] = part
+        pending.size += len(part)
+        self.pending_bytes += len(part)
+        if len(pending.parts) < pending.total:
+            return None
+        self._drop(key)
+        whole = b"".join(pending.parts[i] for i in range(pending.total))
+        if hashlib.sha256(whole).digest() != pending.digest:
+            raise UpdateRejected(Reason.MALFORMED, "chunked payload fails its sha256")
+        return whole
+
+    def expire(self) -> int:
+        """Drop sets older than the timeout; returns how many expired now."""
+        now = self._clock()
+        old = [k for k, s in self._sets.items() if now - s.first_seen > self.timeout_s]
+        for key in old:
+            self._drop(key)
+        self.expired += len(old)
+        return len(old)
+
+    def _parse(self, payload: bytes) -> dict[str, Any]:
+        obj = _unpack(payload, self.max_payload_bytes + _CHUNK_OVERHEAD)
+        try:
+            cid, index, total = obj["id"], obj["index"], obj["total"]
+            digest, part = obj["sha256"], obj["part"]
+        except KeyError as exc:
+            raise UpdateRejected(Reason.MALFORMED, f"chunk lacks {exc}") from None
+        ok = (
+            isinstance(cid, str)
+            and 0 < len(cid) <= 64
+            and isinstance(total, int)
+            and isinstance(index, int)
+            and 0 <= index < total
+            and isinstance(digest, bytes)
+            and len(digest) == 32
+            and isinstance(part, bytes)
+        )
+        if not ok:
+            raise UpdateRejected(Reason.MALFORMED, "bad chunk header")
+        return obj
+
+    def _make_room(self, incoming: int, keep: tuple[str, str]) -> None:
+        while self._sets and (
+            self.pending_bytes + incoming > self.max_pending_bytes
+            or len(self._sets) > self.max_sets
+        ):
+            oldest = next(k for k in self._sets if k != keep) if len(self._sets) > 1 else None
+            if oldest is None:
+                raise UpdateRejected(Reason.OVERSIZED, "chunked payload exceeds pending cap")
+            self._drop(oldest)
+            self.evicted += 1
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        pending = self._sets.pop(key, None)
+        if pending is not None:
+            self.pending_bytes -= pending.size
