@@ -1,0 +1,211 @@
+"""Atomic save and restore of an aggregator's state: model, version, round, last seqs.
+
+A save either lands whole or not at all (temp file, fsync, rename, fsync dir);
+a load never returns a damaged generation: it falls back to the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .params import Params
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"EDGEFLCK"
+FORMAT_VERSION = 1
+_HEADER_LEN = struct.Struct("<I")
+_GENERATION = re.compile(r"^state-(\d{10})-v\d+-r\d+\.ckpt$")
+_TEMP_PREFIX = ".tmp-state-"
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file failed its magic, format, length, checksum or schema check."""
+
+
+@dataclass
+class NodeState:
+    """What an aggregator needs to resume at the same version and still reject duplicates."""
+
+    params: Params
+    version: int
+    round: int
+    parent_version: int | None
+    last_seq: dict[str, int]
+    #: anything msgpack can carry (str, int, float, bool, None, bytes, list, dict);
+    #: tuples come back as lists.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointStore:
+    """Generations ``state-<gen>-v<version>-r<round>.ckpt`` in one directory, newest wins.
+
+    ``gen`` counts saves, so ordering never depends on the version going up (a node
+    that adopts an older parent model still saves a newer generation). One node per
+    directory: leftover temp files from a crash are deleted when the store opens.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.glob(_TEMP_PREFIX + "*"):
+            log.info("removing unfinished checkpoint %s", leftover)
+            leftover.unlink(missing_ok=True)
+
+    def save(self, state: NodeState) -> Path:
+        """Write a new generation durably, then prune to the newest ``keep``."""
+        gens = self._generations()
+        gen = gens[0][0] + 1 if gens else 1
+        target = self.directory / f"state-{gen:010d}-v{state.version}-r{state.round}.ckpt"
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=_TEMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in encode(state):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.directory)
+        for _, old in self._generations()[self.keep :]:
+            old.unlink(missing_ok=True)
+        log.debug("checkpoint %s saved", target.name)
+        return target
+
+    def load(self) -> NodeState | None:
+        """The newest generation that verifies; ``None`` if there is none.
+
+        A damaged generation is logged once, renamed to ``*.corrupt`` (so that
+        pruning never keeps it in place of a good one) and skipped.
+        """
+        gens = self._generations()
+        for _, path in gens:
+            try:
+                return decode(path.read_bytes())
+            except CorruptCheckpoint as exc:
+                aside = path.with_name(path.name + ".corrupt")
+                log.warning(
+                    "checkpoint %s is damaged (%s): moved to %s, trying the previous one",
+                    path,
+                    exc,
+                    aside.name,
+                )
+                os.replace(path, aside)
+        if gens:
+            log.error("no valid checkpoint in %s: starting from scratch", self.directory)
+        return None
+
+    def _generations(self) -> list[tuple[int, Path]]:
+        """``(gen, path)`` of every generation file, newest first."""
+        found = []
+        for path in self.directory.iterdir():
+            m = _GENERATION.match(path.name)
+            if m:
+                found.append((int(m.group(1)), path))
+        return sorted(found, reverse=True)
+
+
+def encode(state: NodeState) -> list[bytes]:
+    """The file's bytes, in pieces: magic, header length, header, body.
+
+    The header holds the format version, the body length and its sha256; each
+    tensor is ``{name, shape, dtype, bytes}`` with ``dtype`` a numpy dtype string.
+    """
+    body = msgpack.packb(
+        {
+            "version": state.version,
+            "round": state.round,
+            "parent_version": state.parent_version,
+            "last_seq": dict(state.last_seq),
+            "extra": state.extra,
+            "saved_at": time.time(),
+            "tensors": [
+                {
+                    "name": name,
+                    "shape": list(arr.shape),
+                    "dtype": arr.dtype.str,
+                    "bytes": _raw(arr),
+                }
+                for name, arr in state.params.items()
+            ],
+        },
+        use_bin_type=True,
+    )
+    header = msgpack.packb(
+        {"format": FORMAT_VERSION, "length": len(body), "sha256": hashlib.sha256(body).digest()},
+        use_bin_type=True,
+    )
+    return [MAGIC, _HEADER_LEN.pack(len(header)), header, body]
+
+
+def decode(data: bytes) -> NodeState:
+    """Parse and verify one checkpoint file; raises ``CorruptCheckpoint``."""
+    view = memoryview(data)
+    prefix = len(MAGIC) + _HEADER_LEN.size
+    if len(data) < prefix or bytes(view[: len(MAGIC)]) != MAGIC:
+        raise CorruptCheckpoint("bad magic")
+    (header_len,) = _HEADER_LEN.unpack(view[len(MAGIC) : prefix])
+    try:
+        header = msgpack.unpackb(view[prefix : prefix + header_len], raw=False)
+        fmt, length, digest = header["format"], header["length"], header["sha256"]
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise CorruptCheckpoint(f"bad header: {type(exc).__name__}") from None
+    if fmt != FORMAT_VERSION:
+        raise CorruptCheckpoint(f"format {fmt!r}, expected {FORMAT_VERSION}")
+    body = view[prefix + header_len :]
+    if len(body) != length:
+        raise CorruptCheckpoint(f"truncated: body is {len(body)} bytes, header says {length}")
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptCheckpoint("sha256 mismatch")
+    try:
+        doc = msgpack.unpackb(body, raw=False)
+        return NodeState(
+            params={t["name"]: _array(t) for t in doc["tensors"]},
+            version=int(doc["version"]),
+            round=int(doc["round"]),
+            parent_version=doc["parent_version"],
+            last_seq={str(k): int(v) for k, v in doc["last_seq"].items()},
+            extra=dict(doc["extra"]),
+        )
+    except Exception as exc:  # a valid checksum over a body we cannot read
+        raise CorruptCheckpoint(f"bad body: {type(exc).__name__}: {exc}") from None
+
+
+def _raw(arr: np.ndarray) -> memoryview:
+    """The array's bytes without a copy when it is already contiguous."""
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
+
+
+def _array(t: dict[str, Any]) -> np.ndarray:
+    dtype = np.dtype(t["dtype"])
+    if dtype.hasobject:
+        raise ValueError(f"{t['name']}: object dtype")
+    return np.frombuffer(t["bytes"], dtype=dtype).reshape(t["shape"]).copy()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; not possible (nor needed) on Windows."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

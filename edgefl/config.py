@@ -1,0 +1,285 @@
+"""Typed settings of every role: TOML file < ``EDGEFL_`` environment < CLI flags.
+
+One pydantic model per role, documented once and reused by the CLI (flags and
+``--help`` are generated from the fields), the TOML files and the environment.
+Never reads the network or starts anything.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .topics import ID_RE, Topics
+from .wire import TrainConfig
+
+LinkType = Literal["ethernet", "wifi", "cellular", "unknown"]
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Section):
+    broker: str = Field("127.0.0.1:1883", description="broker address, HOST:PORT")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version")
+    prefix: str = Field("edgefl", description="topic prefix")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    username: str | None = Field(None, description="broker user name")
+    password: str | None = Field(None, description="broker password")
+    ca_file: Path | None = Field(None, description="CA certificate: connect over TLS")
+    cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="client private key (mutual TLS)")
+    tls_insecure: bool = Field(False, description="skip server host name check (testing only)")
+    max_message_bytes: int = Field(
+        256 * 1024, ge=4096, description="payloads above this travel in chunks"
+    )
+    max_inflight: int = Field(16, ge=1, le=1000, description="QoS 1 publishes in flight")
+    publish_timeout_s: float = Field(30.0, gt=0, description="give up waiting for a PUBACK")
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
+
+    @field_validator("broker")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {v!r}")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        Topics(v)
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.broker.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.broker.rpartition(":")[2])
+
+
+class PolicySettings(_Section):
+    """Who may train: the same rules on the device and in the node's selection."""
+
+    min_battery: float = Field(0.3, ge=0, le=1, description="unless charging")
+    allowed_links: list[LinkType] = Field(
+        default_factory=lambda: list(typing.get_args(LinkType)),
+        description="link types allowed to train",
+    )
+    max_temp_c: float = Field(80.0, description="skip rounds above this CPU temperature")
+    min_uplink_kbps: float = Field(0.0, ge=0, description="and enough to upload by the deadline")
+
+
+class _RoleSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    id: str = Field(description="this node's id, [A-Za-z0-9_-]{1,64}")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    task: str = Field("digits", description="learning task: 'digits' or 'module:attribute'")
+    task_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword options for the task (JSON on the CLI)"
+    )
+    state_dir: Path = Field(Path("./edgefl-state"), description="outbox, checkpoints, residual")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    seed: int = Field(0, description="seed for shuffling, rounding and selection")
+    metrics: bool = Field(True, description="publish JSON metrics")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not ID_RE.match(v):
+            raise ValueError(f"{v!r} is not an id: use 1-64 of A-Z a-z 0-9 _ -")
+        return v
+
+
+class DeviceSettings(_RoleSettings):
+    """A device agent (a board, or one simulated device)."""
+
+    gateway: str = Field("gw-1", description="the gateway this device reports to")
+    shard: int = Field(0, ge=0, description="which partition of the task's data is local")
+    num_shards: int = Field(1, ge=1, description="how many partitions the data is split into")
+    precision: Literal["fp32", "auto", "fp16", "bf16"] = Field(
+        "fp32", description="fp16: CUDA autocast; bf16: CPU autocast; auto: fp16 on CUDA"
+    )
+    compute: Literal["cpu", "cuda", "auto"] = Field("auto", description="where to train")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads")
+    heartbeat_s: float = Field(30.0, gt=0, description="status republish period")
+    update_dtype: Literal["u8", "f32"] = Field("u8", description="uint8 deltas, or float32")
+    stochastic_rounding: bool = Field(False, description="unbiased rounding of deltas")
+    error_feedback: bool = Field(True, description="carry the quantization error forward")
+    hmac_key: str | None = Field(None, description="hex key to sign updates (HMAC-SHA256)")
+    outbox_max_entries: int = Field(1000, ge=1, description="oldest dropped beyond this")
+    outbox_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+
+
+class AggregatorSettings(_RoleSettings):
+    """A gateway or the cloud: the same aggregation node, another tier."""
+
+    tier: Literal["gateway", "cloud"] = Field("gateway", description="node tier")
+    parent: str | None = Field(None, description="parent node id ('cloud'); none for the cloud")
+    children: list[str] = Field(
+        default_factory=list,
+        description="allowed child ids; empty: any child that published a Status",
+    )
+    rounds: int = Field(0, ge=0, description="stop after this many local rounds (0: run on)")
+    per_round: int = Field(0, ge=0, description="children selected per round (0: open round)")
+    min_updates: int = Field(1, ge=1, description="close the round at this many updates")
+    quorum: float = Field(
+        1.0, gt=0, le=1, description="or at this fraction of the selected/known children"
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sync_every: int = Field(1, ge=1, description="sync with the parent every K local rounds")
+    max_staleness: int = Field(4, ge=0, description="reject updates older than this")
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    staleness_a: float = Field(0.5, ge=0)
+    staleness_b: int = Field(4, ge=0)
+    rule: Literal["fedavg", "median", "trimmed_mean"] = Field(
+        "fedavg", description="aggregation rule; robust rules hold every update in memory"
+    )
+    trim: float = Field(0.1, ge=0, lt=0.5, description="fraction trimmed at each end")
+    max_update_norm: float | None = Field(None, gt=0, description="poisoning guard (L2)")
+    max_update_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    evaluate: bool | None = Field(None, description="held-out evaluation (default: cloud only)")
+    keys: dict[str, str] = Field(
+        default_factory=dict, description="child id -> hex HMAC key; '*' for all"
+    )
+    require_signature: bool = Field(False, description="reject unsigned updates")
+    hmac_key: str | None = Field(None, description="hex key to sign this node's sync updates")
+    downlink_dtype: Literal["f32", "f16"] = "f32"
+    update_dtype: Literal["u8", "f32"] = "u8"
+    checkpoint: bool = Field(True, description="checkpoint to state_dir after each round")
+    heartbeat_s: float = Field(30.0, gt=0, description="status republish period")
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(
+    cls: type[S], config: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> S:
+    """Build settings from a TOML file, then ``EDGEFL_*`` variables, then ``overrides``.
+
+    Raises ``ConfigError`` with one readable line on any problem.
+    """
+    path = Path(config) if config else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+
+    class _Sourced(cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return tuple(sources)
+
+    _Sourced.__name__ = cls.__name__
+    _Sourced.__qualname__ = cls.__qualname__
+    try:
+        return typing.cast(S, _Sourced(**dict(overrides or {})))
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc, path)) from None
+    except (ValueError, OSError) as exc:  # TOML syntax errors, unreadable files
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{exc}".splitlines()[0]) from None
+
+
+def describe_error(exc: ValidationError, path: Path | None = None) -> str:
+    """One line per validation error, joined: where, what, and the bad value."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown setting"
+        value = err.get("input")
+        scalar = isinstance(value, (str, int, float, bool))
+        shown = f" (got {value!r})" if scalar and repr(value) not in msg else ""
+        parts.append(f"{where}: {msg}{shown}")
+    origin = f"{path}: " if path else ""
+    return origin + "; ".join(parts)
+
+
+# ------------------------------------------------------- flags from the fields
+
+
+def iter_fields(model: type[BaseModel], prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """Yield ``(dotted_name, FieldInfo)`` for every leaf field, nested sections flattened."""
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from iter_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
+
+
+def is_bool(ann: Any) -> bool:
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    return ann is bool or (_is_union(ann) and args == [bool])
+
+
+def is_structured(ann: Any) -> bool:
+    """list/dict fields take JSON on the command line."""
+    origin = typing.get_origin(ann)
+    if _is_union(ann):
+        return any(is_structured(a) for a in typing.get_args(ann) if a is not type(None))
+    return origin in (list, dict) or ann in (list, dict)
+
+
+def _is_union(ann: Any) -> bool:
+    return typing.get_origin(ann) in (typing.Union, types.UnionType)
+
+
+def parse_flag_value(ann: Any, raw: str) -> Any:
+    if is_structured(ann):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ConfigError(f"expected JSON, got {raw!r}") from None
+    return raw
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"mqtt.broker": x}`` -> ``{"mqtt": {"broker": x}}``."""
+    out: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out

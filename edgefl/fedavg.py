@@ -1,0 +1,162 @@
+"""Federated averaging: a streaming weighted sum, staleness weights, robust rules.
+
+Pure numpy over ``(delta, weight)`` pairs; never imports asyncio or MQTT.
+``StreamingAverage`` holds O(model) memory whatever the number of updates;
+the robust rules (median, trimmed mean) must hold every update to sort them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
+
+import numpy as np
+
+from .params import Params, l2_norm
+from .wire import QTensor
+
+StalenessKind = Literal["constant", "polynomial", "hinge"]
+
+
+def staleness_weight(
+    staleness: int, kind: StalenessKind = "polynomial", a: float = 0.5, b: int = 4
+) -> float:
+    """Weight multiplier for an update ``staleness`` versions behind (FedAsync's families).
+
+    constant: 1; polynomial: ``(1 + s) ** -a``; hinge: 1 up to ``b``, then
+    ``1 / (a * (s - b) + 1)``.
+    """
+    if staleness < 0:
+        raise ValueError(f"negative staleness {staleness}")
+    if kind == "constant":
+        return 1.0
+    if kind == "polynomial":
+        return float((1.0 + staleness) ** -a)
+    if kind == "hinge":
+        return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
+    raise ValueError(f"unknown staleness function {kind!r}")
+
+
+def within_norm(delta: Mapping[str, np.ndarray], max_norm: float | None) -> bool:
+    """The poisoning guard: is the update's L2 norm finite and at most ``max_norm``?"""
+    norm = l2_norm(delta)
+    return math.isfinite(norm) and (max_norm is None or norm <= max_norm)
+
+
+class Aggregate(Protocol):
+    """What a node folds updates into during a round."""
+
+    count: int
+    total_weight: float
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None: ...
+    def add_quantized(self, tensors: Sequence[QTensor], weight: float) -> None: ...
+    def result(self) -> Params: ...
+
+
+class StreamingAverage:
+    """Weighted mean of deltas folded one at a time, in float64, O(model) memory."""
+
+    def __init__(self) -> None:
+        self._sum: dict[str, np.ndarray] = {}
+        self.count = 0
+        self.total_weight = 0.0
+
+    def _slot(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        acc = self._sum.get(name)
+        if acc is None:
+            acc = self._sum[name] = np.zeros(shape, dtype=np.float64)
+        return acc
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        for name, arr in delta.items():
+            acc = self._slot(name, arr.shape)
+            acc += weight * np.asarray(arr, dtype=np.float64)
+        self.count += 1
+        self.total_weight += weight
+
+    def add_quantized(self, tensors: Sequence[QTensor], weight: float) -> None:
+        """Fold wire tensors without building a float copy: ``w*lo + (w*scale)*q``."""
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        for t in tensors:
+            acc = self._slot(t.name, tuple(t.shape))
+            if t.dtype == "f32":
+                acc += weight * np.frombuffer(t.q, dtype="<f4").reshape(acc.shape)
+                continue
+            q = np.frombuffer(t.q, dtype=np.uint8).reshape(acc.shape)
+            acc += weight * float(np.float32(t.lo))
+            if t.scale:
+                acc += (weight * float(np.float32(t.scale))) * q
+        self.count += 1
+        self.total_weight += weight
+
+    def result(self) -> Params:
+        if self.count == 0:
+            raise ValueError("no updates to average")
+        return {n: (acc / self.total_weight).astype(np.float32) for n, acc in self._sum.items()}
+
+
+class RobustAverage:
+    """Coordinate-wise median or trimmed mean; holds every update (O(model x updates)).
+
+    Weights are ignored by these rules: a poisoner could inflate its ``n``.
+    """
+
+    def __init__(self, rule: Literal["median", "trimmed_mean"], trim: float = 0.1) -> None:
+        if rule not in ("median", "trimmed_mean"):
+            raise ValueError(f"unknown robust rule {rule!r}")
+        if not 0 <= trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+        self.rule = rule
+        self.trim = trim
+        self._deltas: list[Mapping[str, np.ndarray]] = []
+        self.count = 0
+        self.total_weight = 0.0
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        self._deltas.append({n: np.asarray(a, np.float32) for n, a in delta.items()})
+        self.count += 1
+        self.total_weight += weight
+
+    def add_quantized(self, tensors: Sequence[QTensor], weight: float) -> None:
+        from .quant import dequantize_params
+
+        self.add(dequantize_params(tensors), weight)
+
+    def result(self) -> Params:
+        if not self._deltas:
+            raise ValueError("no updates to average")
+        if self.rule == "median":
+            return coordinate_median(self._deltas)
+        return trimmed_mean(self._deltas, self.trim)
+
+
+def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
+    return np.stack([d[name] for d in deltas]).astype(np.float32)
+
+
+def coordinate_median(deltas: Sequence[Mapping[str, np.ndarray]]) -> Params:
+    """Coordinate-wise median of the deltas."""
+    return {n: np.median(_stack(deltas, n), axis=0).astype(np.float32) for n in deltas[0]}
+
+
+def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim: float) -> Params:
+    """Coordinate-wise mean after dropping the ``trim`` fraction at each end."""
+    k = math.floor(trim * len(deltas))
+    out: Params = {}
+    for n in deltas[0]:
+        s = np.sort(_stack(deltas, n), axis=0)
+        out[n] = s[k : len(deltas) - k].mean(axis=0).astype(np.float32)
+    return out
+
+
+def weighted_average(pairs: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Params:
+    """FedAvg of ``(delta, num_examples)`` pairs in one call."""
+    acc = StreamingAverage()
+    for delta, weight in pairs:
+        acc.add(delta, weight)
+    return acc.result()

@@ -1,0 +1,141 @@
+"""uint8 quantization of model deltas, and the error feedback a device carries.
+
+Per tensor, asymmetric min/max: ``x ~= lo + scale * q`` with ``q`` in 0..255.
+Pure numpy: never imports asyncio, MQTT or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .params import Params
+from .wire import QTensor
+
+LEVELS = 255
+
+
+@dataclass(frozen=True)
+class Quantized:
+    lo: float
+    scale: float
+    q: np.ndarray  # uint8, same shape as the input
+
+
+def quantize(
+    x: np.ndarray, *, stochastic: bool = False, rng: np.random.Generator | None = None
+) -> Quantized:
+    """Quantize one tensor to uint8.
+
+    Deterministic rounding keeps every element within ``scale / 2``; stochastic
+    rounding is unbiased (``E[dequantize] == x``) and needs ``rng`` for
+    reproducibility. A constant tensor is exact (``scale == 0``).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.size == 0:
+        return Quantized(0.0, 0.0, np.zeros(x.shape, dtype=np.uint8))
+    lo32, hi32 = np.float32(x.min()), np.float32(x.max())
+    if not (np.isfinite(lo32) and np.isfinite(hi32)):
+        raise ValueError("cannot quantize a tensor with NaN or infinite values")
+    lo, hi = float(lo32), float(hi32)
+    if hi == lo:
+        return Quantized(lo, 0.0, np.zeros(x.shape, dtype=np.uint8))
+    scale = float(np.float32((hi - lo) / LEVELS))
+    if scale == 0.0:  # range below float32 resolution: still exact enough at lo
+        return Quantized(lo, 0.0, np.zeros(x.shape, dtype=np.uint8))
+    # float64 here keeps the scale/2 bound exact for float32 inputs.
+    t = (x.astype(np.float64) - lo) / scale
+    if stochastic:
+        gen = rng if rng is not None else np.random.default_rng()
+        t = np.floor(t + gen.random(t.shape))
+    else:
+        t = np.rint(t)
+    q = np.clip(t, 0, LEVELS).astype(np.uint8)
+    return Quantized(lo, scale, q)
+
+
+def dequantize(lo: float, scale: float, q: np.ndarray) -> np.ndarray:
+    """``lo + scale * q`` in float32."""
+    return (np.float32(lo) + np.float32(scale) * q.astype(np.float32)).astype(np.float32)
+
+
+def quantize_params(
+    delta: Mapping[str, np.ndarray],
+    *,
+    stochastic: bool = False,
+    rng: np.random.Generator | None = None,
+) -> list[QTensor]:
+    """Wire tensors (uint8) of a whole delta, in its key order."""
+    out = []
+    for name, arr in delta.items():
+        qt = quantize(arr, stochastic=stochastic, rng=rng)
+        out.append(
+            QTensor(name=name, shape=list(arr.shape), lo=qt.lo, scale=qt.scale, q=qt.q.tobytes())
+        )
+    return out
+
+
+def float_params(delta: Mapping[str, np.ndarray]) -> list[QTensor]:
+    """Wire tensors as raw float32 (``dtype='f32'``): the uncompressed baseline."""
+    return [
+        QTensor(
+            name=name,
+            shape=list(arr.shape),
+            lo=0.0,
+            scale=1.0,
+            q=np.ascontiguousarray(arr, dtype="<f4").tobytes(),
+            dtype="f32",
+        )
+        for name, arr in delta.items()
+    ]
+
+
+def dequantize_tensor(t: QTensor) -> np.ndarray:
+    if t.dtype == "f32":
+        return np.frombuffer(t.q, dtype="<f4").astype(np.float32).reshape(t.shape)
+    q = np.frombuffer(t.q, dtype=np.uint8).reshape(t.shape)
+    return dequantize(t.lo, t.scale, q)
+
+
+def dequantize_params(tensors: Iterable[QTensor]) -> Params:
+    return {t.name: dequantize_tensor(t) for t in tensors}
+
+
+class ErrorFeedback:
+    """The quantization error a sender keeps and adds to its next delta.
+
+    ``compensate`` before quantizing, ``record`` after: the residual is what
+    the receiver did not get, so nothing is lost over rounds, only delayed.
+    """
+
+    def __init__(self, residual: Mapping[str, np.ndarray] | None = None) -> None:
+        self.residual: Params = {k: np.asarray(v, np.float32) for k, v in (residual or {}).items()}
+
+    def compensate(self, delta: Mapping[str, np.ndarray]) -> Params:
+        return {
+            name: (arr + self.residual[name]).astype(np.float32)
+            if name in self.residual and self.residual[name].shape == arr.shape
+            else np.asarray(arr, np.float32)
+            for name, arr in delta.items()
+        }
+
+    def record(self, compensated: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
+        self.residual = {n: (compensated[n] - sent[n]).astype(np.float32) for n in compensated}
+
+    def quantize(
+        self,
+        delta: Mapping[str, np.ndarray],
+        *,
+        stochastic: bool = False,
+        rng: np.random.Generator | None = None,
+    ) -> list[QTensor]:
+        """Compensate, quantize and record in one step; returns the wire tensors."""
+        compensated = self.compensate(delta)
+        tensors = quantize_params(compensated, stochastic=stochastic, rng=rng)
+        self.record(compensated, dequantize_params(tensors))
+        return tensors
+
+    def reset(self) -> None:
+        self.residual = {}

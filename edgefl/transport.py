@@ -1,0 +1,296 @@
+"""One resilient MQTT session over aiomqtt: reconnects, LWT, QoS 1, chunking.
+
+``async with Transport(settings, client_id) as t`` keeps a connection alive in
+a task it owns, re-subscribes after every reconnect, and yields whole
+(reassembled) messages from ``t.messages()``. It never decodes payloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiomqtt
+import paho.mqtt.client as paho
+
+from .config import MqttSettings
+from .wire import Reason, Reassembler, UpdateRejected, is_chunk, split
+
+log = logging.getLogger(__name__)
+
+
+class NotConnected(ConnectionError):
+    """The broker is not reachable right now; the caller keeps its data and retries."""
+
+
+class PublishTimeout(TimeoutError):
+    """The broker did not acknowledge a QoS 1 publish within the timeout."""
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+    qos: int = 1
+
+
+OnConnect = Callable[[], Awaitable[None]]
+
+
+def chunk_topic(topic: str, index: int) -> str:
+    """Where chunk ``index`` of a retained payload on ``topic`` is kept."""
+    return f"{topic}/chunk/{index}"
+
+
+def chunk_source(topic: str) -> str:
+    """The topic a (retained) chunk belongs to."""
+    head, sep, tail = topic.rpartition("/chunk/")
+    return head if sep and tail.isdigit() else topic
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
+    if settings.ca_file is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(settings.ca_file))
+    if settings.cert_file is not None:
+        ctx.load_cert_chain(str(settings.cert_file), settings.key_file and str(settings.key_file))
+    if settings.tls_insecure:
+        ctx.check_hostname = False
+    return ctx
+
+
+class Transport:
+    """A long-lived MQTT session that survives broker restarts and network loss."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        on_connect: OnConnect | None = None,
+        reassembly_timeout_s: float = 120.0,
+        max_payload_bytes: int = 64 * 1024 * 1024,
+        queue_size: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.will = will
+        self._on_connect = on_connect
+        self._subscriptions: dict[str, int] = {}
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
+        self._inflight = asyncio.Semaphore(settings.max_inflight)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._retained_chunks: dict[str, int] = {}
+        self.reassembler = Reassembler(
+            max_payload_bytes=max_payload_bytes, timeout_s=reassembly_timeout_s
+        )
+        self.rejected: Counter[Reason] = Counter()
+        self.connects = 0
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.messages_out = 0
+
+    # --------------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Transport:
+        self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no LWT) and wait for the connection task."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait for a live connection; ``TimeoutError`` if none by ``timeout``."""
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    def _make_client(self) -> aiomqtt.Client:
+        s = self.settings
+        will = None
+        if self.will is not None:
+            w = self.will
+            will = aiomqtt.Will(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        protocol = aiomqtt.ProtocolVersion.V5 if s.protocol == "5" else aiomqtt.ProtocolVersion.V311
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=self.client_id,
+            username=s.username,
+            password=s.password,
+            protocol=protocol,
+            will=will,
+            clean_session=None if s.protocol == "5" else True,
+            keepalive=s.keepalive_s,
+            timeout=max(10.0, s.publish_timeout_s),
+            max_inflight_messages=s.max_inflight,
+            tls_context=tls_context(s),
+            tls_insecure=s.tls_insecure if s.ca_file else None,
+        )
+
+    async def _run(self) -> None:
+        delay = self.settings.reconnect_min_s
+        outage_logged = False
+        while not self._closing:
+            try:
+                async with self._make_client() as client:
+                    self._client = client
+                    for topic, qos in list(self._subscriptions.items()):
+                        await client.subscribe(topic, qos)
+                    self.connects += 1
+                    self._connected.set()
+                    if outage_logged:
+                        log.info("%s: reconnected to %s", self.client_id, self.settings.broker)
+                    outage_logged = False
+                    delay = self.settings.reconnect_min_s
+                    if self._on_connect is not None:
+                        await self._on_connect()
+                    async for msg in client.messages:
+                        await self._deliver(msg)
+            except aiomqtt.MqttError as exc:
+                self._connected.clear()
+                self._client = None
+                if self._closing:
+                    return
+                if not outage_logged:
+                    log.warning(
+                        "%s: broker %s unreachable (%s); retrying with backoff",
+                        self.client_id,
+                        self.settings.broker,
+                        exc,
+                    )
+                    outage_logged = True
+            finally:
+                self._connected.clear()
+                self._client = None
+            # Full jitter keeps a fleet from reconnecting in lockstep after an outage.
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    async def _deliver(self, msg: aiomqtt.Message) -> None:
+        payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+        topic = msg.topic.value
+        self.bytes_in += len(payload)
+        if is_chunk(payload):
+            try:
+                whole = self.reassembler.feed(chunk_source(topic), bytes(payload))
+            except UpdateRejected as exc:
+                self.rejected[exc.reason] += 1
+                log.debug("%s: chunk on %s rejected: %s", self.client_id, topic, exc)
+                return
+            finally:
+                if self.reassembler.expired:
+                    self.rejected[Reason.CHUNK_TIMEOUT] += self.reassembler.expired
+                    self.reassembler.expired = 0
+            if whole is None:
+                return
+            await self._inbox.put(Message(chunk_source(topic), whole, bool(msg.retain)))
+            return
+        await self._inbox.put(Message(topic, bytes(payload), bool(msg.retain)))
+
+    # ------------------------------------------------------------ subscribing
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after every reconnect."""
+        self._subscriptions[topic] = qos
+        client = self._client
+        if client is not None and self.connected:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.subscribe(topic, qos)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Whole messages, across reconnects, until the transport closes."""
+        while True:
+            yield await self._inbox.get()
+
+    def pending(self) -> int:
+        return self._inbox.qsize()
+
+    # ------------------------------------------------------------- publishing
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish and, for QoS 1, wait for the broker's PUBACK of every part.
+
+        Raises ``NotConnected`` when offline and ``PublishTimeout`` when the
+        broker does not acknowledge in time; the caller still owns the data.
+        """
+        parts = split(payload, self.settings.max_message_bytes)
+        if len(parts) == 1:
+            await self._publish_one(topic, payload, qos, retain, timeout)
+            return
+        if retain:
+            await self._publish_retained_chunks(topic, parts, qos, timeout)
+        else:
+            await asyncio.gather(*(self._publish_one(topic, p, qos, False, timeout) for p in parts))
+
+    async def _publish_retained_chunks(
+        self, topic: str, parts: list[bytes], qos: int, timeout: float | None
+    ) -> None:
+        # A topic retains one message, so each chunk of a retained payload gets
+        # its own sub-topic; leftovers of a longer earlier payload are cleared.
+        await asyncio.gather(
+            *(
+                self._publish_one(chunk_topic(topic, i), p, qos, True, timeout)
+                for i, p in enumerate(parts)
+            )
+        )
+        previous = self._retained_chunks.get(topic, 0)
+        for i in range(len(parts), previous):
+            await self._publish_one(chunk_topic(topic, i), b"", qos, True, timeout)
+        self._retained_chunks[topic] = len(parts)
+
+    async def _publish_one(
+        self, topic: str, payload: bytes, qos: int, retain: bool, timeout: float | None
+    ) -> None:
+        async with self._inflight:
+            client = self._client
+            if client is None or not self.connected:
+                raise NotConnected(f"not connected to {self.settings.broker}")
+            limit = timeout if timeout is not None else self.settings.publish_timeout_s
+            try:
+                await client.publish(topic, payload, qos=qos, retain=retain, timeout=limit)
+            except aiomqtt.MqttCodeError as exc:
+                if exc.rc == paho.MQTT_ERR_NO_CONN:
+                    raise NotConnected(str(exc)) from None
+                raise NotConnected(f"publish failed: {exc}") from None
+            except aiomqtt.MqttError as exc:
+                if "timed out" in str(exc).lower():
+                    raise PublishTimeout(f"no PUBACK for {topic} within {limit}s") from None
+                raise NotConnected(str(exc)) from None
+            self.bytes_out += len(payload)
+            self.messages_out += 1
