@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"EDGEFLCK"
 FORMAT_VERSION = 1
 _HEADER_LEN = struct.Struct("<I")
-_GENERATION = re.compile(r"^state-(\d{10})-v\d+-r\d+\.ckpt$")
+_GENERATION = re.compile(r"^state-(\d{10})-v\d+-r\d+\.ckpt(\.corrupt)?$")
 _TEMP_PREFIX = ".tmp-state-"
 
 
@@ -69,8 +69,7 @@ class CheckpointStore:
 
     def save(self, state: NodeState) -> Path:
         """Write a new generation durably, then prune to the newest ``keep``."""
-        gens = self._generations()
-        gen = gens[0][0] + 1 if gens else 1
+        gen = max((g for g, _ in self._generations(corrupt=True)), default=0) + 1
         target = self.directory / f"state-{gen:010d}-v{state.version}-r{state.round}.ckpt"
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=_TEMP_PREFIX)
         try:
@@ -112,12 +111,12 @@ class CheckpointStore:
             log.error("no valid checkpoint in %s: starting from scratch", self.directory)
         return None
 
-    def _generations(self) -> list[tuple[int, Path]]:
-        """``(gen, path)`` of every generation file, newest first."""
+    def _generations(self, *, corrupt: bool = False) -> list[tuple[int, Path]]:
+        """``(gen, path)`` of every generation file (and damaged ones if asked), newest first."""
         found = []
         for path in self.directory.iterdir():
             m = _GENERATION.match(path.name)
-            if m:
+            if m and (corrupt or not m.group(2)):
                 found.append((int(m.group(1)), path))
         return sorted(found, reverse=True)
 
@@ -159,7 +158,9 @@ def decode(data: bytes) -> NodeState:
     """Parse and verify one checkpoint file; raises ``CorruptCheckpoint``."""
     view = memoryview(data)
     prefix = len(MAGIC) + _HEADER_LEN.size
-    if len(data) < prefix or bytes(view[: len(MAGIC)]) != MAGIC:
+    if len(data) < prefix:
+        raise CorruptCheckpoint(f"truncated: {len(data)} bytes")
+    if bytes(view[: len(MAGIC)]) != MAGIC:
         raise CorruptCheckpoint("bad magic")
     (header_len,) = _HEADER_LEN.unpack(view[len(MAGIC) : prefix])
     try:
