@@ -13,8 +13,9 @@ import logging
 import random
 import ssl
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -94,6 +95,7 @@ class Transport:
         self._subscriptions: dict[str, int] = {}
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
+        self._lost = asyncio.Event()  # set when the current connection drops
         self._inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
         self._inflight = asyncio.Semaphore(settings.max_inflight)
         self._task: asyncio.Task[None] | None = None
@@ -167,6 +169,7 @@ class Transport:
                     for topic, qos in list(self._subscriptions.items()):
                         await client.subscribe(topic, qos)
                     self.connects += 1
+                    self._lost = asyncio.Event()
                     self._connected.set()
                     if outage_logged:
                         log.info("%s: reconnected to %s", self.client_id, self.settings.broker)
@@ -191,6 +194,7 @@ class Transport:
                     outage_logged = True
             finally:
                 self._connected.clear()
+                self._lost.set()
                 self._client = None
             # Full jitter keeps a fleet from reconnecting in lockstep after an outage.
             await asyncio.sleep(random.uniform(delay / 2, delay))
@@ -283,7 +287,9 @@ class Transport:
                 raise NotConnected(f"not connected to {self.settings.broker}")
             limit = timeout if timeout is not None else self.settings.publish_timeout_s
             try:
-                await client.publish(topic, payload, qos=qos, retain=retain, timeout=limit)
+                await self._until_lost(
+                    client.publish(topic, payload, qos=qos, retain=retain, timeout=limit)
+                )
             except aiomqtt.MqttCodeError as exc:
                 if exc.rc == paho.MQTT_ERR_NO_CONN:
                     raise NotConnected(str(exc)) from None
@@ -294,3 +300,26 @@ class Transport:
                 raise NotConnected(str(exc)) from None
             self.bytes_out += len(payload)
             self.messages_out += 1
+
+    async def _until_lost(self, publish: Coroutine[Any, Any, None]) -> None:
+        """Await ``publish`` but fail fast if the connection drops meanwhile.
+
+        paho keeps an unacknowledged publish until its timeout even after the
+        socket is gone; the caller (an outbox) would rather retry on reconnect.
+        """
+        lost = self._lost
+        task = asyncio.ensure_future(publish)
+        watcher = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+            raise NotConnected("connection lost before the broker acknowledged")
+        task.result()

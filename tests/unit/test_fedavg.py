@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgefl import fedavg, quant
+
+
+def _deltas(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"w": rng.normal(size=(8, 5)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+        for _ in range(count)
+    ]
+
+
+def test_streaming_average_equals_numpy_average() -> None:
+    deltas = _deltas(50)
+    weights = np.random.default_rng(1).integers(1, 500, size=50).astype(float)
+    acc = fedavg.StreamingAverage()
+    for d, w in zip(deltas, weights, strict=True):
+        acc.add(d, w)
+    result = acc.result()
+    for name in ("w", "b"):
+        expected = np.average(np.stack([d[name] for d in deltas]), axis=0, weights=weights)
+        assert np.abs(result[name] - expected).max() < 1e-6
+    assert acc.count == 50
+    assert acc.total_weight == pytest.approx(weights.sum())
+
+
+def test_folding_quantized_tensors_equals_averaging_their_dequantized_values() -> None:
+    deltas = _deltas(10, seed=4)
+    a, b = fedavg.StreamingAverage(), fedavg.StreamingAverage()
+    for i, d in enumerate(deltas):
+        tensors = quant.quantize_params(d)
+        a.add_quantized(tensors, i + 1.0)
+        b.add(quant.dequantize_params(tensors), i + 1.0)
+    ra, rb = a.result(), b.result()
+    assert all(np.abs(ra[n] - rb[n]).max() < 1e-6 for n in ra)
+
+
+def test_streaming_memory_does_not_grow_with_updates() -> None:
+    acc = fedavg.StreamingAverage()
+    for d in _deltas(200):
+        acc.add(d, 1.0)
+    held = sum(a.nbytes for a in acc._sum.values())
+    assert held == (8 * 5 + 5) * 8  # one float64 slot per parameter, whatever the count
+
+
+def test_empty_average_and_bad_weights_raise() -> None:
+    acc = fedavg.StreamingAverage()
+    with pytest.raises(ValueError, match="no updates"):
+        acc.result()
+    with pytest.raises(ValueError, match="positive"):
+        acc.add(_deltas(1)[0], 0.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "s", "expected"),
+    [
+        ("constant", 7, 1.0),
+        ("polynomial", 0, 1.0),
+        ("polynomial", 3, 0.5),
+        ("hinge", 4, 1.0),
+        ("hinge", 6, 1 / (0.5 * 2 + 1)),
+    ],
+)
+def test_staleness_weights(kind: fedavg.StalenessKind, s: int, expected: float) -> None:
+    assert fedavg.staleness_weight(s, kind, a=0.5, b=4) == pytest.approx(expected)
+
+
+def test_norm_bound() -> None:
+    d = {"w": np.full(4, 3.0, np.float32)}  # norm 6
+    assert fedavg.within_norm(d, 6.0)
+    assert not fedavg.within_norm(d, 5.9)
+    assert not fedavg.within_norm({"w": np.array([np.nan], np.float32)}, None)
+
+
+def test_median_and_trimmed_mean_ignore_an_outlier() -> None:
+    honest = [{"w": np.full(3, v, np.float32)} for v in (1.0, 1.1, 0.9, 1.05, 0.95)]
+    poisoned = [*honest, {"w": np.full(3, 1e6, np.float32)}]
+    med = fedavg.coordinate_median(poisoned)["w"]
+    trimmed = fedavg.trimmed_mean(poisoned, 0.2)["w"]
+    plain = fedavg.weighted_average([(d, 1.0) for d in poisoned])["w"]
+    assert np.all(np.abs(med - 1.0) < 0.1)
+    assert np.all(np.abs(trimmed - 1.0) < 0.1)
+    assert plain[0] > 1e5
+    robust = fedavg.RobustAverage("trimmed_mean", 0.2)
+    for d in poisoned:
+        robust.add(d, 1.0)
+    assert np.allclose(robust.result()["w"], trimmed)

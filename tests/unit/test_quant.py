@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from edgefl import quant
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+tensors = arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 40)), elements=finite)
+
+
+@given(tensors)
+@settings(max_examples=200, deadline=None)
+def test_deterministic_rounding_error_is_at_most_half_a_step(x: np.ndarray) -> None:
+    q = quant.quantize(x)
+    back = quant.dequantize(q.lo, q.scale, q.q)
+    # scale/2 plus float32 rounding of the reconstruction itself.
+    tolerance = q.scale / 2 + 4 * np.finfo(np.float32).eps * float(np.abs(x).max())
+    assert np.abs(back - x).max() <= tolerance
+
+
+@given(tensors)
+@settings(max_examples=50, deadline=None)
+def test_stochastic_rounding_stays_within_one_step(x: np.ndarray) -> None:
+    q = quant.quantize(x, stochastic=True, rng=np.random.default_rng(1))
+    back = quant.dequantize(q.lo, q.scale, q.q)
+    assert np.abs(back - x).max() <= q.scale + 4 * np.finfo(np.float32).eps * float(
+        np.abs(x).max()
+    )
+
+
+def test_stochastic_rounding_is_unbiased_on_average() -> None:
+    rng = np.random.default_rng(0)
+    x = np.linspace(-1, 1, 1000, dtype=np.float32)
+    mean = np.mean(
+        [quant.dequantize(*_parts(quant.quantize(x, stochastic=True, rng=rng))) for _ in range(400)],
+        axis=0,
+    )
+    step = (x.max() - x.min()) / 255
+    assert np.abs(mean - x).max() < 0.25 * step
+
+
+def _parts(q: quant.Quantized) -> tuple[float, float, np.ndarray]:
+    return q.lo, q.scale, q.q
+
+
+def test_stochastic_rounding_is_reproducible_with_a_seed() -> None:
+    x = np.random.default_rng(3).normal(size=500).astype(np.float32)
+    a = quant.quantize(x, stochastic=True, rng=np.random.default_rng(7)).q
+    b = quant.quantize(x, stochastic=True, rng=np.random.default_rng(7)).q
+    assert np.array_equal(a, b)
+
+
+def test_constant_tensor_is_exact() -> None:
+    x = np.full((3, 4), 0.125, dtype=np.float32)
+    q = quant.quantize(x)
+    assert q.scale == 0.0
+    assert np.array_equal(quant.dequantize(q.lo, q.scale, q.q), x)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_raises(bad: float) -> None:
+    x = np.zeros(10, dtype=np.float32)
+    x[3] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quant.quantize(x)
+
+
+def test_wire_tensors_are_one_byte_per_element() -> None:
+    delta = {"a": np.ones((10, 10), np.float32), "b": np.arange(7, dtype=np.float32)}
+    tensors = quant.quantize_params(delta)
+    assert [len(t.q) for t in tensors] == [100, 7]
+    back = quant.dequantize_params(tensors)
+    assert np.allclose(back["b"], delta["b"], atol=tensors[1].scale / 2 + 1e-6)
+
+
+def test_error_feedback_delivers_the_sum_over_rounds() -> None:
+    rng = np.random.default_rng(0)
+    feedback = quant.ErrorFeedback()
+    sent_total = np.zeros(1000, np.float32)
+    true_total = np.zeros(1000, np.float32)
+    for _ in range(20):
+        delta = {"w": rng.normal(scale=0.01, size=1000).astype(np.float32)}
+        true_total += delta["w"]
+        sent_total += quant.dequantize_params(feedback.quantize(delta))["w"]
+    # What was not sent is exactly the residual, and it stays one step small.
+    assert np.allclose(true_total - sent_total, feedback.residual["w"], atol=1e-5)
+    last_step = float(np.abs(feedback.residual["w"]).max())
+    assert last_step < 0.01 * 6 / 255 + 1e-6
+    without = np.zeros(1000, np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        d = rng.normal(scale=0.01, size=1000).astype(np.float32)
+        without += quant.dequantize_params(quant.quantize_params({"w": d}))["w"]
+    assert np.abs(true_total - sent_total).max() <= np.abs(true_total - without).max()
+
+
+def test_float32_wire_tensors_are_exact() -> None:
+    delta = {"w": np.random.default_rng(2).normal(size=(5, 5)).astype(np.float32)}
+    back = quant.dequantize_params(quant.float_params(delta))
+    assert np.array_equal(back["w"], delta["w"])

@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import hashlib
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgefl import quant, wire
+from edgefl.wire import Reason, UpdateRejected
+
+SPEC = {"w": (4, 3), "b": (3,)}
+
+
+def _update(**overrides: object) -> wire.Update:
+    rng = np.random.default_rng(0)
+    delta = {n: rng.normal(size=s).astype(np.float32) for n, s in SPEC.items()}
+    fields: dict[str, object] = {
+        "sender": "dev-1",
+        "seq": 3,
+        "round": 2,
+        "base": 5,
+        "n": 40,
+        "metrics": {"loss": 0.5},
+        "tensors": quant.quantize_params(delta),
+    }
+    fields.update(overrides)
+    return wire.Update(**fields)  # type: ignore[arg-type]
+
+
+def _reason(data: bytes, spec: dict[str, tuple[int, ...]] | None = SPEC, **kw: int) -> Reason:
+    with pytest.raises(UpdateRejected) as info:
+        wire.decode_update(data, spec, **kw)
+    return info.value.reason
+
+
+def test_update_round_trip_is_exact() -> None:
+    u = _update()
+    assert wire.decode_update(wire.encode_update(u), SPEC) == u
+
+
+def test_update_size_is_one_byte_per_parameter_plus_headers() -> None:
+    big = {"w": np.zeros((1000, 100), np.float32)}
+    data = wire.encode_update(_update(tensors=quant.quantize_params(big)))
+    assert 100_000 < len(data) < 100_000 + 200
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: d.update(v=99), Reason.MALFORMED),
+        (lambda d: d.update(sender="no/slash"), Reason.MALFORMED),
+        (lambda d: d.update(n=0), Reason.MALFORMED),
+        (lambda d: d.update(extra_field=1), Reason.MALFORMED),
+        (lambda d: d["tensors"][0].update(shape=[5, 3]), Reason.SHAPE),
+        (lambda d: d["tensors"][0].update(q=b"\x00" * 5), Reason.SHAPE),
+        (lambda d: d["tensors"].pop(), Reason.SHAPE),
+        (lambda d: d["tensors"][0].update(name="other"), Reason.SHAPE),
+        (lambda d: d["tensors"][0].update(lo=math.nan), Reason.NONFINITE),
+        (lambda d: d["tensors"][1].update(scale=math.inf), Reason.NONFINITE),
+    ],
+)
+def test_invalid_updates_are_rejected_with_their_reason(mutate: object, reason: Reason) -> None:
+    doc = _update().model_dump(exclude_none=True)
+    mutate(doc)  # type: ignore[operator]
+    assert _reason(msgpack.packb(doc, use_bin_type=True)) is reason
+
+
+def test_oversized_payload_is_rejected_before_parsing() -> None:
+    data = wire.encode_update(_update())
+    assert _reason(data, max_bytes=len(data) - 1) is Reason.OVERSIZED
+
+
+def test_nonfinite_float32_tensor_is_rejected() -> None:
+    delta = {"w": np.zeros((4, 3), np.float32), "b": np.array([1, np.nan, 2], np.float32)}
+    data = wire.encode_update(_update(tensors=quant.float_params(delta)))
+    assert _reason(data) is Reason.NONFINITE
+
+
+@given(st.binary(max_size=512))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bytes_only_ever_raise_update_rejected(data: bytes) -> None:
+    for decode in (lambda b: wire.decode_update(b, SPEC), wire.decode_model):
+        try:
+            decode(data)
+        except UpdateRejected:
+            pass
+
+
+@given(st.dictionaries(st.text(max_size=8), st.none() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=8)))
+@settings(max_examples=200, deadline=None)
+def test_arbitrary_maps_only_ever_raise_update_rejected(doc: dict[str, object]) -> None:
+    data = msgpack.packb({"v": 1, **doc}, use_bin_type=True)
+    try:
+        wire.decode_update(data, SPEC)
+    except UpdateRejected:
+        pass
+
+
+def test_signature_round_trip_and_tampering() -> None:
+    key = b"k" * 32
+    signed = wire.sign(_update(), key)
+    decoded = wire.decode_update(wire.encode_update(signed), SPEC)
+    wire.verify(decoded, key)
+    for bad in (
+        decoded.model_copy(update={"n": 41}),
+        decoded.model_copy(update={"sig": b"\x00" * 32}),
+        decoded.model_copy(update={"sig": None}),
+    ):
+        with pytest.raises(UpdateRejected) as info:
+            wire.verify(bad, key)
+        assert info.value.reason is Reason.BAD_SIGNATURE
+    with pytest.raises(UpdateRejected):
+        wire.verify(decoded, b"other-key")
+
+
+def test_model_round_trip_in_float32_and_float16() -> None:
+    params = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)}
+    for dtype, tol in (("f32", 0.0), ("f16", 1e-3)):
+        model = wire.Model(
+            sender="gw-1", version=3, round=7, tensors=wire.model_tensors(params, dtype)
+        )
+        back = wire.decode_model(wire.encode_model(model))
+        assert back.version == 3 and back.round == 7
+        assert np.abs(wire.model_params(back)["w"] - params["w"]).max() <= tol
+
+
+def test_status_and_metrics_are_json_with_a_schema_version() -> None:
+    status = wire.Status(online=True, role="device", id="dev-1", battery=0.5, buffered=2)
+    raw = wire.encode_status(status)
+    assert b'"schema":1' in raw
+    assert wire.decode_status(raw) == status
+    metrics = wire.decode_metrics(wire.encode_metrics("gateway", "gw-1", {"round": 3}))
+    assert metrics["schema"] == 1 and metrics["role"] == "gateway" and metrics["round"] == 3
+    with pytest.raises(UpdateRejected):
+        wire.decode_status(b"{not json")
+
+
+# ---------------------------------------------------------------- chunking
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _payload(size: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def test_small_payload_travels_whole() -> None:
+    data = _payload(1000)
+    assert wire.split(data, 4096) == [data]
+    assert wire.Reassembler().feed("a", data) == data
+
+
+@given(
+    size=st.integers(5000, 40_000),
+    limit=st.integers(1300, 4900),
+    order=st.randoms(use_true_random=False),
+)
+@settings(max_examples=60, deadline=None)
+def test_split_and_reassemble_round_trip_in_any_order(size: int, limit: int, order: object) -> None:
+    data = _payload(size)
+    chunks = wire.split(data, limit)
+    assert len(chunks) > 1 and all(len(c) <= limit for c in chunks)
+    order.shuffle(chunks)  # type: ignore[attr-defined]
+    chunks.insert(1, chunks[0])  # a duplicate delivery
+    r = wire.Reassembler()
+    out = [whole for c in chunks if (whole := r.feed("src", c)) is not None]
+    assert out == [data]
+    assert len(r) == 0 and r.pending_bytes == 0
+
+
+def test_a_lost_chunk_expires_and_is_counted() -> None:
+    clock = FakeClock()
+    r = wire.Reassembler(timeout_s=10, clock=clock)
+    chunks = wire.split(_payload(20_000), 4096)
+    for c in chunks[:-1]:
+        assert r.feed("src", c) is None
+    clock.now = 11
+    assert r.expire() == 1
+    assert r.expired == 1 and len(r) == 0 and r.pending_bytes == 0
+    assert r.feed("src", chunks[-1]) is None  # the straggler starts a new set, never completes
+
+
+def test_a_corrupted_chunk_fails_the_digest() -> None:
+    chunks = wire.split(_payload(20_000), 4096)
+    doc = msgpack.unpackb(chunks[2], raw=False)
+    doc["part"] = bytes(len(doc["part"]))
+    chunks[2] = msgpack.packb(doc, use_bin_type=True)
+    r = wire.Reassembler()
+    with pytest.raises(UpdateRejected) as info:
+        for c in chunks:
+            r.feed("src", c)
+    assert info.value.reason is Reason.MALFORMED
+    assert r.pending_bytes == 0
+
+
+def test_pending_memory_is_bounded() -> None:
+    r = wire.Reassembler(max_pending_bytes=30_000, max_sets=4)
+    for seed in range(10):  # ten incomplete sets of ~16 KB each
+        chunks = wire.split(_payload(20_000, seed), 4096)
+        for c in chunks[:4]:
+            r.feed(f"src{seed}", c)
+        assert r.pending_bytes <= 30_000 and len(r) <= 4
+    assert r.evicted > 0
+
+
+def test_sets_from_different_sources_do_not_mix() -> None:
+    a, b = _payload(9000, 1), _payload(9000, 2)
+    ca, cb = wire.split(a, 4096, chunk_id="same"), wire.split(b, 4096, chunk_id="same")
+    r = wire.Reassembler()
+    got = [r.feed("x", ca[0]), r.feed("y", cb[0])]
+    got += [r.feed("x", c) for c in ca[1:]] + [r.feed("y", c) for c in cb[1:]]
+    assert [g for g in got if g is not None] == [a, b]
+    assert hashlib.sha256(a).digest() != hashlib.sha256(b).digest()
