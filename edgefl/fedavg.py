@@ -60,6 +60,9 @@ class StreamingAverage:
 
     def __init__(self) -> None:
         self._sum: dict[str, np.ndarray] = {}
+        # Sum of w*lo per tensor: a scalar, added once in result() instead of
+        # a full pass over the accumulator for every folded update.
+        self._offset: dict[str, float] = {}
         self.count = 0
         self.total_weight = 0.0
 
@@ -88,16 +91,21 @@ class StreamingAverage:
                 acc += weight * np.frombuffer(t.q, dtype="<f4").reshape(acc.shape)
                 continue
             q = np.frombuffer(t.q, dtype=np.uint8).reshape(acc.shape)
-            acc += weight * float(np.float32(t.lo))
+            self._offset[t.name] = self._offset.get(t.name, 0.0) + weight * float(
+                np.float32(t.lo)
+            )
             if t.scale:
-                acc += (weight * float(np.float32(t.scale))) * q
+                acc += np.multiply(q, np.float32(weight * t.scale), dtype=np.float32)
         self.count += 1
         self.total_weight += weight
 
     def result(self) -> Params:
         if self.count == 0:
             raise ValueError("no updates to average")
-        return {n: (acc / self.total_weight).astype(np.float32) for n, acc in self._sum.items()}
+        return {
+            n: ((acc + self._offset.get(n, 0.0)) / self.total_weight).astype(np.float32)
+            for n, acc in self._sum.items()
+        }
 
 
 class RobustAverage:
