@@ -80,11 +80,13 @@ def main() -> int:
         spec = {k: v.shape for k, v in delta.items()}
         repeat = 30 if n <= 100_000 else 10
         u8_bytes, f32_bytes = encode_u8(delta), encode_f32(delta)
-        enc = best_us(lambda d=delta: encode_u8(d), repeat), best_us(
-            lambda d=delta: encode_f32(d), repeat
+        enc = (
+            best_us(lambda d=delta: encode_u8(d), repeat),
+            best_us(lambda d=delta: encode_f32(d), repeat),
         )
-        dec = best_us(lambda b=u8_bytes, s=spec: decode_fold(b, s), repeat), best_us(
-            lambda b=f32_bytes, s=spec: decode_fold(b, s), repeat
+        dec = (
+            best_us(lambda b=u8_bytes, s=spec: decode_fold(b, s), repeat),
+            best_us(lambda b=f32_bytes, s=spec: decode_fold(b, s), repeat),
         )
         total_u8, total_f32 = enc[0] + dec[0], enc[1] + dec[1]
         for step, (a, b) in (("encode", enc), ("decode", dec), ("both", (total_u8, total_f32))):
@@ -94,7 +96,9 @@ def main() -> int:
         verdicts.append((n, "encode + decode", total_u8 <= total_f32))
     print()
     for n, what, passed in verdicts:
-        print(f"{'PASS' if passed else 'FAIL'}  uint8 not slower than float32: {what}, {n:,} params")
+        print(
+            f"{'PASS' if passed else 'FAIL'}  uint8 not slower than float32: {what}, {n:,} params"
+        )
     print(f"{'PASS' if ok else 'FAIL'}  <= 1.01 bytes/parameter")
     return 0 if ok and all(v[2] for v in verdicts) else 1
 

@@ -9,7 +9,10 @@ from edgefl import fedavg, quant
 def _deltas(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [
-        {"w": rng.normal(size=(8, 5)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+        {
+            "w": rng.normal(size=(8, 5)).astype(np.float32),
+            "b": rng.normal(size=5).astype(np.float32),
+        }
         for _ in range(count)
     ]
 

@@ -27,16 +27,17 @@ def test_deterministic_rounding_error_is_at_most_half_a_step(x: np.ndarray) -> N
 def test_stochastic_rounding_stays_within_one_step(x: np.ndarray) -> None:
     q = quant.quantize(x, stochastic=True, rng=np.random.default_rng(1))
     back = quant.dequantize(q.lo, q.scale, q.q)
-    assert np.abs(back - x).max() <= q.scale + 4 * np.finfo(np.float32).eps * float(
-        np.abs(x).max()
-    )
+    assert np.abs(back - x).max() <= q.scale + 4 * np.finfo(np.float32).eps * float(np.abs(x).max())
 
 
 def test_stochastic_rounding_is_unbiased_on_average() -> None:
     rng = np.random.default_rng(0)
     x = np.linspace(-1, 1, 1000, dtype=np.float32)
     mean = np.mean(
-        [quant.dequantize(*_parts(quant.quantize(x, stochastic=True, rng=rng))) for _ in range(400)],
+        [
+            quant.dequantize(*_parts(quant.quantize(x, stochastic=True, rng=rng)))
+            for _ in range(400)
+        ],
         axis=0,
     )
     step = (x.max() - x.min()) / 255
