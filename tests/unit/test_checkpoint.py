@@ -4,6 +4,7 @@ import logging
 import multiprocessing
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -87,36 +88,34 @@ def test_empty_directory_loads_none_quietly(
     assert caplog.records == []
 
 
-def test_truncated_newest_falls_back_to_previous_with_one_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def _truncate(data: bytes) -> bytes:
+    return data[:-10]
+
+
+def _flip_a_body_bit(data: bytes) -> bytes:
+    return data[:-20] + bytes([data[-20] ^ 0x01]) + data[-19:]
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"), [(_truncate, "truncated"), (_flip_a_body_bit, "sha256 mismatch")]
+)
+def test_damaged_newest_falls_back_to_previous_with_one_warning(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[bytes], bytes],
+    why: str,
 ) -> None:
     store = CheckpointStore(tmp_path)
     store.save(_state(1))
     newest = store.save(_state(2))
-    newest.write_bytes(newest.read_bytes()[:-10])
+    newest.write_bytes(damage(newest.read_bytes()))
     with caplog.at_level(logging.WARNING, logger="edgefl.checkpoint"):
         got = CheckpointStore(tmp_path).load()
     assert got is not None and got.version == 1
     assert got.last_seq == {"dev-1": 1, "dev-2": 10}
     (warning,) = _warnings(caplog)
-    assert newest.name in warning and "truncated" in warning
+    assert newest.name in warning and why in warning
     assert (tmp_path / (newest.name + ".corrupt")).exists()
-
-
-def test_flipped_byte_fails_the_checksum_and_is_skipped(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    store = CheckpointStore(tmp_path)
-    store.save(_state(1))
-    newest = store.save(_state(2))
-    data = bytearray(newest.read_bytes())
-    data[-20] ^= 0x01
-    newest.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="edgefl.checkpoint"):
-        got = store.load()
-    assert got is not None and got.version == 1
-    (warning,) = _warnings(caplog)
-    assert "sha256 mismatch" in warning
 
 
 def test_unrelated_files_are_ignored_and_garbage_generations_skipped(
