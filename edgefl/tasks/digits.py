@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -184,6 +185,7 @@ class DigitsTask:
         global_params: Params | None = None,
         seed: int = 0,
         speed: float = 1.0,
+        should_stop: Callable[[], bool] | None = None,
     ) -> TrainResult:
         return train_module(
             seeded_module(self.build_model, 0),
@@ -194,6 +196,7 @@ class DigitsTask:
             device=device,
             global_params=global_params,
             seed=seed,
+            should_stop=should_stop,
         )
 
     def evaluate(self, params: Params, data: DeviceData | None = None) -> dict[str, float]:

@@ -29,6 +29,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _warned: set[str] = set()
 
 
+class TrainingStopped(Exception):
+    """``should_stop`` asked local training to end early; there is no result."""
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -95,6 +99,7 @@ def train_module(
     global_params: Params | None = None,
     seed: int = 0,
     loss_fn: LossFn = F.cross_entropy,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Load ``params`` into ``model``, train it on ``data`` as ``cfg`` says, return the delta.
 
@@ -102,6 +107,8 @@ def train_module(
     starting ``params`` when none are given. Gradient accumulation weighs each
     micro-batch by its samples, so ``accum=k`` with batch ``b`` takes the same
     steps as batch ``k*b``. The same ``seed`` and inputs give the same delta.
+    ``should_stop`` is asked before every step; True raises ``TrainingStopped``
+    (a device agent shutting down mid-round).
     """
     n = len(data)
     if n == 0:
@@ -127,6 +134,8 @@ def train_module(
         order = torch.randperm(n, generator=generator).to(dev)
         epoch_loss = torch.zeros((), device=dev)
         for group in _step_groups(order, cfg.batch_size, cfg.accum):
+            if should_stop is not None and should_stop():
+                raise TrainingStopped(f"stopped after {steps} steps")
             group_n = sum(len(b) for b in group)
             optimizer.zero_grad(set_to_none=True)
             for batch in group:
