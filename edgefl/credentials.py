@@ -1,0 +1,327 @@
+"""``edgefl credentials``: broker passwords, ACL blocks and update-signing keys.
+
+A broker user's name is the node's id, so the ACL can tie every write to the
+sender's own topics. Passwords go through ``mosquitto_passwd``; this module
+never prints or stores a password anywhere but the hashed file and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .topics import TopicError, Topics, check_id
+
+ROLES = ("device", "gateway", "cloud", "monitor")
+INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto (it ships mosquitto_passwd)"
+KEY_BYTES = 32
+
+ACL_HEADER = """\
+# Mosquitto ACL for edgefl: one `user` block per broker user, whose name is the
+# node id that appears in its topics. `edgefl credentials add` writes and
+# replaces these blocks. Topics are spelled out per user rather than with
+# `pattern ... %u` lines because a pattern applies to every user, and the roles
+# need different rights: a monitor may write nothing, a device must not write
+# a model.
+#
+# Bridges announce their connection state on $SYS; this is the one pattern.
+pattern write $SYS/broker/connection/%c/state
+"""
+
+_BLOCK_START = "# edgefl "
+_BLOCK_RE = re.compile(r"^# edgefl (?P<role>\w+) (?P<id>[A-Za-z0-9_-]{1,64})$")
+
+
+class CredentialsError(Exception):
+    """A request that cannot be carried out; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Credential:
+    role: str
+    id: str
+    password: str
+    hmac_key: str | None  # hex; only nodes with a parent sign
+    key_file: Path | None
+    parent: str | None
+
+
+# ------------------------------------------------------------------ pure rules
+
+
+def acl_rules(
+    role: str, node_id: str, *, prefix: str = "edgefl", parent: str | None = None
+) -> list[str]:
+    """The ``topic`` lines that give ``node_id`` exactly the rights of ``role``.
+
+    A device writes only its own update and status under any gateway (it may
+    move between gateways) and reads model topics; a gateway owns its model,
+    reads its children, and talks to its parent as a child; the cloud is a node
+    without a parent; a monitor only reads metrics and statuses.
+    """
+    if role not in ROLES:
+        raise CredentialsError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    t = Topics(prefix)
+    p = prefix
+    if role == "monitor":
+        return [f"topic read {t.all_metrics()}", f"topic read {p}/+/status/#"]
+    rules: list[str] = []
+    if role in ("gateway", "cloud"):
+        rules += _node_rules(t, node_id)
+    if role == "device":
+        rules += _child_rules(p, node_id, parent or "+")
+    if role == "gateway":
+        rules += _child_rules(p, node_id, parent or "cloud")
+    rules.append(f"topic write {t.metrics(role, node_id)}")
+    return rules
+
+
+def _node_rules(t: Topics, node_id: str) -> list[str]:
+    model, chunks = t.model_filters(node_id)
+    return [
+        f"topic write {model}",
+        f"topic write {chunks}",
+        f"topic read {t.updates_of(node_id)}",
+        f"topic read {t.statuses_of(node_id)}",
+    ]
+
+
+def _child_rules(prefix: str, node_id: str, parent: str) -> list[str]:
+    # ``parent`` may be ``+`` (a device not pinned to one gateway), so these
+    # are spelled here rather than through Topics, which only takes ids.
+    return [
+        f"topic write {prefix}/{parent}/update/{node_id}",
+        f"topic write {prefix}/{parent}/status/{node_id}",
+        f"topic read {prefix}/{parent}/model",
+        f"topic read {prefix}/{parent}/model/chunk/+",
+    ]
+
+
+def acl_block(role: str, node_id: str, *, prefix: str = "edgefl", parent: str | None = None) -> str:
+    """A complete ``user`` block, marked so that a later ``add`` can replace it."""
+    lines = [f"{_BLOCK_START}{role} {node_id}", f"user {node_id}"]
+    lines += acl_rules(role, node_id, prefix=prefix, parent=parent)
+    return "\n".join(lines) + "\n"
+
+
+def upsert_acl(text: str, node_id: str, block: str) -> str:
+    """``text`` with the block of ``node_id`` replaced by ``block`` (appended if absent)."""
+    kept: list[str] = []
+    skipping = False
+    for line in text.splitlines():
+        mark = _BLOCK_RE.match(line)
+        if mark is not None:
+            skipping = mark["id"] == node_id
+        elif not line.strip():
+            skipping = False  # blocks written here end at a blank line
+        if not skipping:
+            kept.append(line)
+    kept = [ln for i, ln in enumerate(kept) if ln.strip() or (i and kept[i - 1].strip())]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    body = "\n".join(kept) if kept else ACL_HEADER.rstrip("\n")
+    return f"{body}\n\n{block}"
+
+
+def acl_users(text: str) -> dict[str, str]:
+    """``{id: role}`` of every block written by ``edgefl credentials``."""
+    return {m["id"]: m["role"] for m in map(_BLOCK_RE.match, text.splitlines()) if m}
+
+
+def config_lines(cred: Credential, *, broker: str = "CLOUD_HOST:8883") -> str:
+    """What to paste where: the node's own TOML, and the entry its parent needs."""
+    out = [f"# --- {cred.role} {cred.id}: its config file (TOML) ---"]
+    if cred.role in ("device", "gateway", "cloud"):
+        out.append(f'id = "{cred.id}"')
+    if cred.hmac_key is not None and cred.role in ("device", "gateway"):
+        out.append(f'hmac_key = "{cred.hmac_key}"')
+    if cred.role == "gateway":
+        out.append(f'parent = "{cred.parent or "cloud"}"')
+    if cred.role == "device" and cred.parent:
+        out.append(f'gateway = "{cred.parent}"')
+    out += [
+        "",
+        "[mqtt]",
+        f'broker = "{broker}"',
+        f'username = "{cred.id}"',
+        f'password = "{cred.password}"',
+        '# ca_file = "/etc/edgefl/ca.crt"   # TLS listener',
+    ]
+    if cred.role in ("device", "gateway") and cred.hmac_key is not None:
+        parent = cred.parent or ("cloud" if cred.role == "gateway" else "its gateway")
+        out += [
+            "",
+            f"# --- on {parent}: add under [keys] in its config file ---",
+            "[keys]",
+            f'{cred.id} = "{cred.hmac_key}"',
+        ]
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------- the shell
+
+
+def add(
+    role: str,
+    node_id: str,
+    *,
+    passwd_file: Path,
+    acl_file: Path,
+    keys_dir: Path,
+    prefix: str = "edgefl",
+    parent: str | None = None,
+    password: str | None = None,
+    rotate_key: bool = False,
+) -> Credential:
+    """Create or update one broker user, its ACL block and (devices, gateways) its HMAC key.
+
+    An existing key is kept unless ``rotate_key``: the parent already trusts it.
+    """
+    node_id, parent = _check_ids(role, node_id, parent)
+    try:
+        block = acl_block(role, node_id, prefix=prefix, parent=parent)
+    except TopicError as exc:
+        raise CredentialsError(str(exc)) from None
+    password = password or secrets.token_urlsafe(24)
+    set_password(passwd_file, node_id, password)
+    acl_file.parent.mkdir(parents=True, exist_ok=True)
+    previous = acl_file.read_text() if acl_file.exists() else ""
+    _write_private(acl_file, upsert_acl(previous, node_id, block), mode=0o644)
+    key, key_file = None, None
+    if role in ("device", "gateway"):  # the cloud has no parent to sign for
+        key_file = keys_dir / f"{node_id}.key"
+        key = _load_or_make_key(key_file, rotate_key)
+    return Credential(role, node_id, password, key, key_file, parent)
+
+
+def _check_ids(role: str, node_id: str, parent: str | None) -> tuple[str, str | None]:
+    try:
+        check_id(node_id, "id")
+        if parent is not None:
+            check_id(parent, "parent id")
+    except TopicError as exc:
+        raise CredentialsError(str(exc)) from None
+    if role == "cloud" and parent is not None:
+        raise CredentialsError("the cloud has no parent; drop --parent")
+    return node_id, parent
+
+
+def set_password(passwd_file: Path, user: str, password: str) -> None:
+    """``mosquitto_passwd -b`` (with ``-c`` when the file does not exist yet)."""
+    binary = shutil.which("mosquitto_passwd")
+    if binary is None:
+        raise CredentialsError(f"mosquitto_passwd not found; {INSTALL_HINT}")
+    passwd_file.parent.mkdir(parents=True, exist_ok=True)
+    create = [] if passwd_file.exists() else ["-c"]
+    done = subprocess.run(
+        [binary, *create, "-b", str(passwd_file), user, password],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip().splitlines()
+        raise CredentialsError(f"mosquitto_passwd failed: {why[0] if why else done.returncode}")
+    share_with_broker(passwd_file)
+
+
+def share_with_broker(path: Path) -> None:
+    """Owner read-write, group ``mosquitto`` read: the broker drops root before reading it."""
+    os.chmod(path, 0o640)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        try:
+            import grp
+
+            os.chown(path, -1, grp.getgrnam("mosquitto").gr_gid)
+        except (ImportError, KeyError):
+            pass  # no mosquitto group on this host: the owner runs the broker
+
+
+def _load_or_make_key(path: Path, rotate: bool) -> str:
+    if path.exists() and not rotate:
+        key = path.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{64}", key):
+            return key
+        raise CredentialsError(f"{path} does not hold a 64-digit hex key; use --rotate-key")
+    key = secrets.token_hex(KEY_BYTES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    _write_private(path, key + "\n", mode=0o600)
+    return key
+
+
+def _write_private(path: Path, text: str, *, mode: int) -> None:
+    """Write through a temp file created with ``mode`` (never world-readable in between)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser(
+        "add",
+        help="create or update a broker user, its ACL block and its signing key",
+        description="Create or update a broker user (name = node id), its ACL block and "
+        "its HMAC key, then print the config lines to paste.",
+    )
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--id", dest="node_id", help="node id (default for --role cloud: cloud)")
+    p.add_argument(
+        "--parent",
+        help="gateway: its parent node (default cloud); device: pin it to this gateway",
+    )
+    p.add_argument(
+        "--passwd-file", type=Path, default=Path("passwd"), help="Mosquitto password file"
+    )
+    p.add_argument("--acl-file", type=Path, default=Path("acl"), help="Mosquitto ACL file")
+    p.add_argument("--keys-dir", type=Path, default=Path("keys"), help="where HMAC keys are kept")
+    p.add_argument("--prefix", default="edgefl", help="topic prefix")
+    p.add_argument(
+        "--password",
+        default=os.environ.get("EDGEFL_NEW_PASSWORD"),
+        help="set this password instead of a random one (or EDGEFL_NEW_PASSWORD)",
+    )
+    p.add_argument("--rotate-key", action="store_true", help="replace an existing HMAC key")
+    p.add_argument("--broker", default="CLOUD_HOST:8883", help="broker address shown in the config")
+
+
+def main(args: argparse.Namespace) -> int:
+    node_id = args.node_id or ("cloud" if args.role == "cloud" else None)
+    if node_id is None:
+        print("edgefl credentials: error: --id is required for this role", file=sys.stderr)
+        return 2
+    try:
+        cred = add(
+            args.role,
+            node_id,
+            passwd_file=args.passwd_file,
+            acl_file=args.acl_file,
+            keys_dir=args.keys_dir,
+            prefix=args.prefix,
+            parent=args.parent,
+            password=args.password,
+            rotate_key=args.rotate_key,
+        )
+    except (CredentialsError, OSError) as exc:
+        print(f"edgefl credentials: error: {exc}", file=sys.stderr)
+        return 2
+    where = f"user {cred.id} in {args.passwd_file} and {args.acl_file}"
+    if cred.key_file is not None:
+        where += f"; key in {cred.key_file}"
+    print(f"# {where}; reload the broker (kill -HUP) to apply")
+    print(config_lines(cred, broker=args.broker))
+    return 0

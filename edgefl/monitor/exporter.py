@@ -1,0 +1,84 @@
+"""Prometheus gauges of a FleetState, read at scrape time from a custom registry.
+
+Serves on loopback only; prometheus_client is imported when the exporter starts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from .state import NODE_GAUGES, DeviceView, FleetState
+
+
+class FleetCollector:
+    """Prometheus collector that reads ``state`` at scrape time, under ``lock``."""
+
+    def __init__(self, state: FleetState, lock: threading.Lock) -> None:
+        self.state = state
+        self.lock = lock
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        with self.lock:
+            nodes = self.state.sorted_nodes()
+            devices = self.state.sorted_devices()
+            node_families = {
+                name: GaugeMetricFamily(f"edgefl_{name}", help_, labels=["node", "tier"])
+                for name, help_ in NODE_GAUGES.items()
+            }
+            node_online = GaugeMetricFamily(
+                "edgefl_node_online", "1 if the node's retained status says online",
+                labels=["node", "tier"],
+            )  # fmt: skip
+            rejected = GaugeMetricFamily(
+                "edgefl_rejected_total", "updates rejected, by reason, as the node reports",
+                labels=["node", "tier", "reason"],
+            )  # fmt: skip
+            for n in nodes:
+                labels = [n.id, n.tier]
+                for name, value in n.figures.items():
+                    node_families[name].add_metric(labels, value)
+                if n.online is not None:
+                    node_online.add_metric(labels, float(n.online))
+                for reason, count in sorted(n.rejected.items()):
+                    rejected.add_metric([*labels, reason], count)
+            yield from node_families.values()
+            yield node_online
+            yield rejected
+            yield from self._device_families(devices)
+
+    @staticmethod
+    def _device_families(devices: list[DeviceView]) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        specs = {
+            "online": "1 if the device's retained status says online",
+            "battery": "battery level (0..1)",
+            "buffered": "updates waiting in the device's outbox",
+            "model_version": "model version the device holds",
+            "last_round": "last round the device trained",
+        }
+        families = {
+            name: GaugeMetricFamily(f"edgefl_device_{name}", help_, labels=["device", "gateway"])
+            for name, help_ in specs.items()
+        }
+        for d in devices:
+            labels = [d.id, d.gateway or ""]
+            for name, family in families.items():
+                value = getattr(d, name)
+                if value is not None:
+                    family.add_metric(labels, float(value))
+        yield from families.values()
+
+
+def serve_prometheus(state: FleetState, lock: threading.Lock, port: int) -> Any:
+    """Serve ``state`` on http://127.0.0.1:PORT/metrics; returns the server (``shutdown()``)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(state, lock))
+    server = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return server[0] if isinstance(server, tuple) else server
