@@ -112,22 +112,32 @@ def acl_block(role: str, node_id: str, *, prefix: str = "edgefl", parent: str | 
 
 
 def upsert_acl(text: str, node_id: str, block: str) -> str:
-    """``text`` with the block of ``node_id`` replaced by ``block`` (appended if absent)."""
+    """``text`` with the block of ``node_id`` replaced in place by ``block``, or appended."""
     kept: list[str] = []
+    at: int | None = None
     skipping = False
     for line in text.splitlines():
         mark = _BLOCK_RE.match(line)
         if mark is not None:
             skipping = mark["id"] == node_id
+            if skipping and at is None:
+                at = len(kept)
         elif not line.strip():
             skipping = False  # blocks written here end at a blank line
         if not skipping:
             kept.append(line)
-    kept = [ln for i, ln in enumerate(kept) if ln.strip() or (i and kept[i - 1].strip())]
-    while kept and not kept[-1].strip():
-        kept.pop()
-    body = "\n".join(kept) if kept else ACL_HEADER.rstrip("\n")
-    return f"{body}\n\n{block}"
+    if not any(line.strip() for line in kept):
+        kept = ACL_HEADER.splitlines()
+    new = block.rstrip("\n").splitlines()
+    if at is None:
+        kept += ["", *new]
+    else:
+        kept[at:at] = new
+    # Removing a block leaves its blank separator behind: squeeze repeats.
+    lines = [ln for i, ln in enumerate(kept) if ln.strip() or (i and kept[i - 1].strip())]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return "\n".join(lines) + "\n"
 
 
 def acl_users(text: str) -> dict[str, str]:

@@ -51,7 +51,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .config import MqttSettings, describe_error
+    from ..config import MqttSettings, describe_error
 
     try:
         settings = MqttSettings(
@@ -103,7 +103,7 @@ class Monitor:
         """Fold every metrics and status message into the state until cancelled."""
         import secrets
 
-        from .transport import Transport
+        from ..transport import Transport
 
         topics = self.state.topics
         client_id = f"edgefl-monitor-{secrets.token_hex(4)}"

@@ -149,3 +149,13 @@ def test_prometheus_collector_exports_what_the_topics_carried(fleet: FleetState)
     for line in expected:
         assert line in text, line
     assert 'edgefl_device_battery{device="dev-2"' not in text  # unknown, not zero
+
+
+def test_monitor_command_refuses_a_bad_broker_address_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from edgefl.cli import main
+
+    assert main(["monitor", "--broker", "no-port", "--once"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgefl monitor: error: broker") and "\n" not in err
