@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .state import NODE_GAUGES, DeviceView, FleetState
+from .state import NODE_GAUGES, DeviceView, FleetState, NodeView
 
 
 class FleetCollector:
@@ -20,35 +20,43 @@ class FleetCollector:
         self.lock = lock
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
         with self.lock:
             nodes = self.state.sorted_nodes()
             devices = self.state.sorted_devices()
-            node_families = {
-                name: GaugeMetricFamily(f"edgefl_{name}", help_, labels=["node", "tier"])
-                for name, help_ in NODE_GAUGES.items()
-            }
-            node_online = GaugeMetricFamily(
-                "edgefl_node_online", "1 if the node's retained status says online",
-                labels=["node", "tier"],
-            )  # fmt: skip
-            rejected = GaugeMetricFamily(
-                "edgefl_rejected_total", "updates rejected, by reason, as the node reports",
-                labels=["node", "tier", "reason"],
-            )  # fmt: skip
-            for n in nodes:
-                labels = [n.id, n.tier]
-                for name, value in n.figures.items():
-                    node_families[name].add_metric(labels, value)
-                if n.online is not None:
-                    node_online.add_metric(labels, float(n.online))
-                for reason, count in sorted(n.rejected.items()):
-                    rejected.add_metric([*labels, reason], count)
-            yield from node_families.values()
-            yield node_online
-            yield rejected
+            yield from self._node_families(nodes)
             yield from self._device_families(devices)
+
+    @staticmethod
+    def _node_families(nodes: list[NodeView]) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = ["node", "tier"]
+        figures = {
+            name: GaugeMetricFamily(f"edgefl_{name}", help_, labels=labels)
+            for name, help_ in NODE_GAUGES.items()
+        }
+        online = GaugeMetricFamily(
+            "edgefl_node_online", "1 if the node's retained status says online", labels=labels
+        )
+        buffered = GaugeMetricFamily(
+            "edgefl_node_buffered", "sync updates waiting for the parent", labels=labels
+        )
+        # The nodes report cumulative counts since they started: a counter.
+        rejected = CounterMetricFamily(
+            "edgefl_rejected", "updates rejected, by reason", labels=[*labels, "reason"]
+        )
+        for n in nodes:
+            values = [n.id, n.tier]
+            for name, value in n.figures.items():
+                figures[name].add_metric(values, value)
+            if n.online is not None:
+                online.add_metric(values, float(n.online))
+            if n.buffered is not None:
+                buffered.add_metric(values, n.buffered)
+            for reason, count in sorted(n.rejected.items()):
+                rejected.add_metric([*values, reason], count)
+        yield from figures.values()
+        yield from (online, buffered, rejected)
 
     @staticmethod
     def _device_families(devices: list[DeviceView]) -> Iterator[Any]:

@@ -25,7 +25,9 @@ NODE_GAUGES = {
     "accuracy": "held-out accuracy (0..1)",
     "loss": "held-out loss",
     "round_ms": "wall time of the last round (ms)",
-    "agg_ms": "time spent folding updates in the last round (ms)",
+    "agg_ms": "time to average the last round and apply it (ms)",
+    "children_known": "children that ever published a status",
+    "children_online": "children whose retained status says online",
 }
 REJECTED_PREFIX = "rejected_"
 
@@ -50,6 +52,7 @@ class NodeView:
     tier: str = "gateway"
     parent: str | None = None
     online: bool | None = None
+    buffered: int | None = None  # sync updates waiting for the parent
     figures: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     history: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=HISTORY))
@@ -138,6 +141,8 @@ class FleetState:
         if role in ("gateway", "cloud"):
             node = self._node(sender, role)
             node.parent, node.online, node.status_ts = parent, online, _num(doc.get("ts"))
+            if online is not False:
+                node.buffered = _int(doc.get("buffered"))
             return
         dev = self._device(sender)
         dev.gateway, dev.online, dev.status_ts = parent, online, _num(doc.get("ts"))
@@ -163,15 +168,18 @@ class FleetState:
             return
         node = self._node(sender, role)
         node.metrics_ts = _num(doc.get("ts"))
-        for name in NODE_GAUGES:
-            value = _num(doc.get(name))
-            if value is not None:
-                node.figures[name] = value
+        # Rejection counts are cumulative, so any record has the latest ones.
         for key, value in doc.items():
             count = _int(value)
             reason = key[len(REJECTED_PREFIX) :]
             if key.startswith(REJECTED_PREFIX) and reason != "total" and count is not None:
                 node.rejected[reason] = count
+        if doc.get("event", "round") != "round":
+            return  # a re-announced round has closed nothing: keep the last round's figures
+        for name in NODE_GAUGES:
+            value = _num(doc.get(name))
+            if value is not None:
+                node.figures[name] = value
         accuracy, round_ = _num(doc.get("accuracy")), _int(doc.get("round"))
         if accuracy is not None:
             if node.history and round_ is not None and node.history[-1][0] == round_:
@@ -221,6 +229,7 @@ class FleetState:
                     "tier": n.tier,
                     "parent": n.parent,
                     "online": n.online,
+                    "buffered": n.buffered,
                     **n.figures,
                     "rejected": dict(n.rejected),
                     "rejected_total": n.rejected_total,

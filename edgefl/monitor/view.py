@@ -50,19 +50,22 @@ def render(state: FleetState, *, max_devices: int = 40, title: str = "edgefl fle
         f"  {time.strftime('%H:%M:%S')}",
     )
     nodes = Table(title="nodes", title_justify="left", expand=False)
-    for col in ("node", "tier", "online", "round", "version", "participants", "accuracy",
-                "loss", "round ms", "rejected", "accuracy history"):  # fmt: skip
+    for col in ("node", "tier", "online", "children", "round", "version", "participants",
+                "accuracy", "loss", "round ms", "sync queue", "rejected",
+                "accuracy history"):  # fmt: skip
         nodes.add_column(col, justify="right" if col not in ("node", "tier") else "left")
     for n in state.sorted_nodes():
         f = n.figures
         participants = _fmt(f.get("participants"))
         if f.get("selected"):
             participants += f"/{_fmt(f.get('selected'))}"
+        children = f"{_fmt(f.get('children_online'))}/{_fmt(f.get('children_known'))}"
         rejected = ", ".join(f"{r} {c}" for r, c in sorted(n.rejected.items()) if c) or "0"
         nodes.add_row(
-            n.id, n.tier, _yes(n.online), _fmt(f.get("round")), _fmt(f.get("version")),
-            participants, _fmt(f.get("accuracy"), 3), _fmt(f.get("loss"), 3),
-            _fmt(f.get("round_ms")), rejected, sparkline(n.accuracy_history),
+            n.id, n.tier, _yes(n.online), children, _fmt(f.get("round")),
+            _fmt(f.get("version")), participants, _fmt(f.get("accuracy"), 3),
+            _fmt(f.get("loss"), 3), _fmt(f.get("round_ms")), _fmt(n.buffered), rejected,
+            sparkline(n.accuracy_history),
         )  # fmt: skip
     devices = Table(title="devices", title_justify="left", expand=False)
     for col in ("device", "gateway", "online", "battery", "link", "buffered", "model",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -103,6 +104,23 @@ def test_wrongly_typed_fields_are_dropped_not_trusted() -> None:
     assert gw.figures == {"participants": 3}
 
 
+def test_a_reannounced_round_updates_rejections_but_not_the_last_rounds_figures(
+    fleet: FleetState,
+) -> None:
+    fleet.apply(*metrics("gateway", "gw-1", event="reannounce", round=13, version=13,
+                         participants=0, rejected_stale=4, rejected_total=6))  # fmt: skip
+    gw = fleet.nodes["gw-1"]
+    assert (gw.figures["round"], gw.figures["participants"]) == (12, 2)
+    assert gw.rejected == {"bad_signature": 2, "stale": 4}
+
+
+def test_a_gateways_status_reports_its_queued_syncs(fleet: FleetState) -> None:
+    fleet.apply(*status("cloud", "gw-1", online=True, role="gateway", buffered=5))
+    assert fleet.nodes["gw-1"].buffered == 5
+    fleet.apply(*status("cloud", "gw-1", online=False, role="gateway"))
+    assert (fleet.nodes["gw-1"].online, fleet.nodes["gw-1"].buffered) == (False, 5)
+
+
 def test_accuracy_history_keeps_one_point_per_round() -> None:
     state = FleetState()
     for round_, acc in [(0, 0.2), (1, 0.5), (1, 0.55), (2, 0.9)]:
@@ -149,6 +167,7 @@ def test_prometheus_collector_exports_what_the_topics_carried(fleet: FleetState)
     for line in expected:
         assert line in text, line
     assert 'edgefl_device_battery{device="dev-2"' not in text  # unknown, not zero
+    assert re.search(r"^# TYPE edgefl_rejected(_total)? counter$", text, re.MULTILINE)
 
 
 def test_monitor_command_refuses_a_bad_broker_address_in_one_line(
