@@ -1,0 +1,148 @@
+"""Admission of children's updates: every check between raw bytes and the fold.
+
+``UpdateGate.admit`` turns untrusted bytes into an accepted update with its
+staleness weight, or raises ``UpdateRejected`` with the reason. Pure apart from
+the per-sender last seq it keeps; it never folds, logs or touches the network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..fedavg import StalenessKind, staleness_weight
+from ..params import Spec
+from ..wire import QTensor, Reason, Update, UpdateRejected, decode_update, verify
+
+_LEVELS = np.arange(256, dtype=np.float64)
+_LEVELS_SQ = _LEVELS * _LEVELS
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An update that passed every check, and the weight it folds with."""
+
+    update: Update
+    staleness: int
+    weight: float
+
+
+def squared_norm(tensors: Sequence[QTensor]) -> float:
+    """``||lo + scale*q||^2`` of a quantized delta without dequantizing it.
+
+    For uint8 tensors the sum follows from the histogram of ``q``: with
+    ``S1 = sum q`` and ``S2 = sum q^2``, ``sum (lo + s q)^2 = N lo^2 + 2 lo s S1 + s^2 S2``.
+    """
+    total = 0.0
+    for t in tensors:
+        if t.dtype == "f32":
+            x = np.frombuffer(t.q, dtype="<f4").astype(np.float64)
+            total += float(np.dot(x, x))
+            continue
+        q = np.frombuffer(t.q, dtype=np.uint8)
+        lo, scale = float(np.float32(t.lo)), float(np.float32(t.scale))
+        if scale:
+            hist = np.bincount(q, minlength=256).astype(np.float64)
+            s1, s2 = float(hist @ _LEVELS), float(hist @ _LEVELS_SQ)
+        else:
+            s1 = s2 = 0.0
+        total += q.size * lo * lo + 2.0 * lo * scale * s1 + scale * scale * s2
+    return max(total, 0.0)
+
+
+def dequantized_finite(tensors: Sequence[QTensor]) -> bool:
+    """Whether every ``lo + scale*q`` is a finite float32 (f32 tensors are checked at decode)."""
+    for t in tensors:
+        if t.dtype == "u8":
+            lo, top = (
+                float(np.float32(t.lo)),
+                float(np.float32(t.lo)) + 255.0 * float(np.float32(t.scale)),
+            )
+            if not (abs(lo) <= _F32_MAX and abs(top) <= _F32_MAX):
+                return False
+    return True
+
+
+class UpdateGate:
+    """Decodes and checks children's updates in the order of the design's rejection list.
+
+    Checks: decode (malformed, oversized, shape, non-finite ``lo``/``scale``),
+    topic sender and allow-list (unknown_sender), ``seq`` not above the last one
+    accepted from that sender (duplicate), ``0 <= version - base <= max_staleness``
+    (stale), signature (bad_signature), dequantized values and norm (nonfinite,
+    norm). ``last_seq`` moves only when an update is admitted, so a rejected
+    update never shadows a later valid one.
+    """
+
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        max_bytes: int,
+        max_staleness: int,
+        staleness: StalenessKind = "polynomial",
+        staleness_a: float = 0.5,
+        staleness_b: int = 4,
+        keys: Mapping[str, bytes] | None = None,
+        require_signature: bool = False,
+        max_norm: float | None = None,
+        allowed: frozenset[str] | None = None,
+        last_seq: Mapping[str, int] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.max_bytes = max_bytes
+        self.max_staleness = max_staleness
+        self._weights = [
+            staleness_weight(s, staleness, staleness_a, staleness_b)
+            for s in range(max_staleness + 1)
+        ]
+        self.keys = dict(keys or {})
+        self.require_signature = require_signature
+        self.max_norm = max_norm
+        self.allowed = allowed or None
+        self.last_seq: dict[str, int] = dict(last_seq or {})
+
+    def admit(
+        self,
+        payload: bytes,
+        topic_sender: str,
+        version: int,
+        known: Callable[[str], bool] = lambda _: True,
+    ) -> Admitted:
+        """Check one update received on ``.../update/{topic_sender}`` at model ``version``."""
+        update = decode_update(payload, self.spec, max_bytes=self.max_bytes)
+        sender = update.sender
+        if sender != topic_sender:
+            raise UpdateRejected(
+                Reason.UNKNOWN_SENDER, f"sender {sender!r} on the topic of {topic_sender!r}"
+            )
+        if not (sender in self.allowed if self.allowed is not None else known(sender)):
+            raise UpdateRejected(Reason.UNKNOWN_SENDER, f"{sender!r} is not a known child")
+        last = self.last_seq.get(sender, -1)
+        if update.seq <= last:
+            raise UpdateRejected(Reason.DUPLICATE, f"seq {update.seq} <= {last}")
+        staleness = version - update.base
+        if not 0 <= staleness <= self.max_staleness:
+            raise UpdateRejected(
+                Reason.STALE, f"base {update.base} at version {version} (max {self.max_staleness})"
+            )
+        self._check_signature(update)
+        if not dequantized_finite(update.tensors):
+            raise UpdateRejected(Reason.NONFINITE, "lo + scale*q overflows float32")
+        if self.max_norm is not None:
+            norm = math.sqrt(squared_norm(update.tensors))
+            if not norm <= self.max_norm:
+                raise UpdateRejected(Reason.NORM, f"norm {norm:.4g} > {self.max_norm:.4g}")
+        self.last_seq[sender] = update.seq
+        return Admitted(update, staleness, update.n * self._weights[staleness])
+
+    def _check_signature(self, update: Update) -> None:
+        key = self.keys.get(update.sender, self.keys.get("*"))
+        if key is not None:
+            verify(update, key)
+        elif self.require_signature:
+            raise UpdateRejected(Reason.BAD_SIGNATURE, "no key for this sender")

@@ -1,0 +1,667 @@
+"""The aggregation node (gateway or cloud): an asyncio shell over rounds, admission and sync.
+
+Three tasks with one owner: the receiver decodes, checks and folds updates (nothing
+else on that path), the driver opens, closes and re-announces rounds, checkpoints
+and publishes, and the uplink flusher delivers sync updates from the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import CheckpointStore, NodeState
+from ..config import AggregatorSettings, ConfigError
+from ..outbox import Outbox
+from ..params import Params, num_parameters, spec_of
+from ..tasks import Task, load_task
+from ..telemetry import Telemetry, last_will
+from ..topics import ID_RE, Topics
+from ..transport import Message, NotConnected, PublishTimeout, Transport
+from ..wire import (
+    MetricValue,
+    Model,
+    Reason,
+    Status,
+    UpdateRejected,
+    decode_model,
+    decode_status,
+    encode_model,
+    encode_update,
+    model_params,
+    model_tensors,
+    sign,
+)
+from .admission import UpdateGate
+from .rounds import CloseReason, Round, apply_delta, make_aggregate, quorum_target
+from .selection import Children, policy_of, select
+from .uplink import Uplink
+
+log = logging.getLogger("edgefl.aggregator")
+
+#: After connecting, how long to let retained statuses and the parent model arrive
+#: before the first round is announced.
+STARTUP_GRACE_S = 0.5
+GOODBYE_TIMEOUT_S = 2.0
+#: (sender, reason) pairs remembered for log-once; beyond this, rejections are only counted.
+MAX_LOGGED = 10_000
+_LOST = (NotConnected, PublishTimeout)
+
+
+class Aggregator:
+    """``async with Aggregator(settings) as node: await node.run()`` for a gateway or the cloud.
+
+    ``task`` defaults to ``load_task(settings.task, **settings.task_options)``;
+    every tier must use the same task and seed, since version 0 of every node is
+    ``task.init_params(settings.seed)``. ``clock`` gives wall-clock seconds
+    (deadlines travel in Models as unix times).
+    """
+
+    def __init__(
+        self,
+        settings: AggregatorSettings,
+        task: Task | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if settings.tier == "cloud" and settings.parent is not None:
+            raise ConfigError("the cloud tier has no parent; use tier 'gateway' for a middle tier")
+        self.settings = settings
+        self.id = settings.id
+        self.tier = settings.tier
+        self.parent = (settings.parent or "cloud") if settings.tier == "gateway" else None
+        self.clock = clock
+        self.topics = Topics(settings.mqtt.prefix)
+        try:
+            self.task = task or load_task(settings.task, **settings.task_options)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
+        self.spec = self.task.spec()
+        self.params: Params = self.task.init_params(settings.seed)
+        self.version = 0
+        self.aggregations = 0
+        self.last_selected: dict[str, int] = {}
+        nparams = num_parameters(self.params)
+        width = 1 if settings.update_dtype == "u8" else 4
+        self.children = Children(
+            policy_of(settings.policy),
+            expected_bytes=nparams * width,
+            deadline_s=settings.train.deadline_s,
+            min_uplink_kbps=settings.policy.min_uplink_kbps,
+        )
+        keys = {child: bytes.fromhex(k) for child, k in settings.keys.items()}
+        self.gate = UpdateGate(
+            self.spec,
+            max_bytes=settings.max_update_bytes,
+            max_staleness=settings.max_staleness,
+            staleness=settings.staleness,
+            staleness_a=settings.staleness_a,
+            staleness_b=settings.staleness_b,
+            keys=keys,
+            require_signature=settings.require_signature,
+            max_norm=settings.max_update_norm,
+            allowed=frozenset(settings.children) or None,
+        )
+        self._hmac_key = bytes.fromhex(settings.hmac_key) if settings.hmac_key else None
+        self.uplink: Uplink | None = None
+        if self.parent is not None:
+            self.uplink = Uplink(reference=dict(self.params), parent_version=0)
+        self.round = self._next_round(0)
+        self.rejected: Counter[Reason] = Counter()
+        self._logged: set[tuple[str, Reason]] = set()
+        self.state_dir = Path(settings.state_dir) / self.id
+        self.store: CheckpointStore | None = None
+        self.outbox: Outbox | None = None
+        self._payload_limit = max(settings.max_update_bytes, 4 * nparams + (1 << 20))
+        self.transport = Transport(
+            settings.mqtt,
+            f"edgefl-{self.tier}-{self.id}",
+            will=last_will(self.topics, self.parent, self.id, self.tier) if self.parent else None,
+            on_connect=self._on_connect,
+            max_payload_bytes=self._payload_limit,
+        )
+        self.telemetry = Telemetry(
+            self.transport,
+            self.topics,
+            role=self.tier,
+            sender=self.id,
+            parent=self.parent,
+            metrics=settings.metrics,
+        )
+        self.last_metrics: dict[str, MetricValue] = {}
+        self._update_prefix = self.topics.updates_of(self.id)[:-1]
+        self._status_prefix = self.topics.statuses_of(self.id)[:-1]
+        self._parent_topic = self.topics.model(self.parent) if self.parent else None
+        self._parent_model: tuple[int, Params] | None = None
+        self._restored_sync: dict[str, Any] | None = None
+        self._wake = asyncio.Event()
+        self._uplink_due = asyncio.Event()
+        self._uplink_idle = asyncio.Event()
+        self._announce_due = False
+        self._status_due = True
+        self._wait_until = 0.0
+        self._heartbeat_at = 0.0
+
+    # --------------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Aggregator:
+        s = self.settings
+        if s.checkpoint:
+            self.store = CheckpointStore(self.state_dir)
+            self._restore(self.store.load())
+        if self.parent is not None:
+            self.outbox = Outbox(self.state_dir / "uplink.sqlite")
+            self._requeue_pending_sync()
+        for topic in (self.topics.updates_of(self.id), self.topics.statuses_of(self.id)):
+            await self.transport.subscribe(topic)
+        if self.parent is not None:
+            for topic in self.topics.model_filters(self.parent):
+                await self.transport.subscribe(topic)
+        await self.transport.__aenter__()
+        log.info(
+            "%s %s: task %s (%d parameters), version %d, round %d, parent %s, broker %s",
+            self.tier,
+            self.id,
+            self.task.name,
+            num_parameters(self.params),
+            self.version,
+            self.round.number,
+            self.parent or "none",
+            s.mqtt.broker,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self.transport.connected:
+                with contextlib.suppress(*_LOST, asyncio.TimeoutError):
+                    await asyncio.wait_for(self.telemetry.offline(), GOODBYE_TIMEOUT_S)
+        finally:
+            await self.transport.close()
+            if self.outbox is not None:
+                self.outbox.close()
+
+    async def run(self) -> None:
+        """Serve rounds until ``settings.rounds`` aggregations are done (0: until cancelled)."""
+        workers = [self._receive(), self._drive()]
+        if self.outbox is not None:
+            workers.append(self._flush_uplink())
+        await _until_first_returns(workers)
+
+    # ---------------------------------------------------------------- receiving
+    async def _receive(self) -> None:
+        async for message in self.transport.messages():
+            self._dispatch(message)
+
+    def _dispatch(self, message: Message) -> None:
+        topic = message.topic
+        if topic.startswith(self._update_prefix):
+            self._on_update(topic[len(self._update_prefix) :], message.payload)
+        elif topic.startswith(self._status_prefix):
+            self._on_status(topic[len(self._status_prefix) :], message.payload)
+        elif topic == self._parent_topic:
+            self._on_parent_model(message.payload)
+
+    def _on_update(self, sender: str, payload: bytes) -> None:
+        started = time.perf_counter()
+        rnd = self.round
+        try:
+            if not ID_RE.match(sender):
+                raise UpdateRejected(Reason.UNKNOWN_SENDER, "not an id")
+            ok = self.gate.admit(payload, sender, self.version, self.children.__contains__)
+        except UpdateRejected as exc:
+            self._reject(sender, exc)
+            return
+        update = ok.update
+        rnd.fold(sender, update.tensors, update.n, ok.weight, ok.staleness)
+        rnd.bytes_in += len(payload)
+        rnd.fold_s += time.perf_counter() - started
+        if rnd.announced and self._may_close(rnd):
+            self._wake.set()
+
+    def _may_close(self, rnd: Round) -> bool:
+        """Cheap necessary condition for ``Round.ready`` (its full check is O(children))."""
+        s = self.settings
+        pool = len(rnd.pool(self.children.online_eligible, self.children.online))
+        target = quorum_target(s.min_updates, s.quorum, pool)
+        return rnd.participants >= (min(pool, target) if pool else target)
+
+    def _reject(self, sender: str, exc: UpdateRejected) -> None:
+        self.rejected[exc.reason] += 1
+        key = (sender[:64], exc.reason)
+        if key in self._logged or len(self._logged) >= MAX_LOGGED:
+            return
+        self._logged.add(key)
+        log.warning(
+            "%s: update from %r rejected (%s): %s; further ones are only counted",
+            self.id,
+            sender[:64],
+            exc.reason.value,
+            exc.detail,
+        )
+
+    def _on_status(self, child: str, payload: bytes) -> None:
+        if not ID_RE.match(child):
+            return
+        status: Status | None = None
+        if payload:
+            try:
+                status = decode_status(payload)
+            except UpdateRejected as exc:
+                log.debug("%s: bad status from %s: %s", self.id, child, exc)
+                return
+            if status.id and status.id != child:
+                log.debug("%s: status on %s names %s; ignored", self.id, child, status.id)
+                return
+        self.children.update(child, status)
+        if self.round.announced:
+            self._wake.set()
+
+    def _on_parent_model(self, payload: bytes) -> None:
+        if not payload or self.uplink is None:
+            return
+        try:
+            model = decode_model(payload, max_bytes=self._payload_limit)
+            params = model_params(model)
+            if spec_of(params) != self.spec:
+                raise UpdateRejected(Reason.SHAPE, "parent model does not match the task")
+        except UpdateRejected as exc:
+            self._reject(self.parent or "parent", exc)
+            return
+        if model.version != self.uplink.parent_version:
+            self._parent_model = (model.version, params)
+            self._wake.set()
+
+    async def _on_connect(self) -> None:
+        self._status_due = True
+        self._announce_due = self.round.announced
+        self._uplink_due.set()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ rounds
+    async def _drive(self) -> None:
+        await self.transport.wait_connected()
+        await asyncio.sleep(STARTUP_GRACE_S)
+        if not await self._adopt_parent():
+            await self._announce()
+        while not (self.settings.rounds and self.aggregations >= self.settings.rounds):
+            await self._step()
+        await self._drain_uplink()
+
+    async def _step(self) -> None:
+        """One pass of the driver: whatever is due now, then sleep until something is."""
+        self._wake.clear()
+        now = self.clock()
+        rnd = self.round
+        if await self._adopt_parent():
+            return
+        if rnd.announced:
+            reason = rnd.ready(
+                now,
+                min_updates=self.settings.min_updates,
+                quorum=self.settings.quorum,
+                online_eligible=self.children.online_eligible,
+                online=self.children.online,
+            )
+            if reason is not None:
+                await self._close(reason)
+                return
+            if rnd.expired(now):
+                await self._announce(again=True)
+                return
+            if self._announce_due:
+                await self._publish_model()
+        elif now >= self._wait_until:
+            await self._announce()
+            return
+        if self._status_due or now >= self._heartbeat_at:
+            await self._heartbeat()
+        wake_at = min(
+            self.round.deadline if rnd.announced else self._wait_until, self._heartbeat_at
+        )
+        await _wait(self._wake, max(0.0, wake_at - self.clock()) + 0.01)
+
+    def _next_round(self, number: int) -> Round:
+        return Round(number, self.version, make_aggregate(self.settings.rule, self.settings.trim))
+
+    async def _announce(self, *, again: bool = False) -> None:
+        """Open (or re-open, after a deadline with no update) the current round."""
+        s = self.settings
+        rnd, now = self.round, self.clock()
+        chosen = select(
+            self.children.online_eligible,
+            self.last_selected,
+            s.per_round,
+            seed=s.seed,
+            round=rnd.number,
+        )
+        for child in chosen:
+            self.last_selected[child] = rnd.number
+        rnd.selected = chosen
+        rnd.version = self.version
+        rnd.deadline = now + s.train.deadline_s
+        if not again:
+            rnd.opened_at = now
+        rnd.reannounced += again
+        rnd.announced = True
+        await self._publish_model()
+        if again:
+            log.info(
+                "%s round %d: no update by the deadline; re-announced (v%d, %d selected)",
+                self.id,
+                rnd.number,
+                self.version,
+                len(chosen),
+            )
+            await self._metrics({"event": "reannounce", **self._round_fields(rnd)})
+
+    async def _publish_model(self) -> None:
+        rnd, s = self.round, self.settings
+        model = Model(
+            sender=self.id,
+            version=self.version,
+            round=rnd.number,
+            tensors=model_tensors(self.params, s.downlink_dtype),
+            config=s.train,
+            selected=list(rnd.selected),
+            deadline=rnd.deadline,
+        )
+        try:
+            await self.transport.publish(
+                self.topics.model(self.id), encode_model(model), retain=True
+            )
+            self._announce_due = False
+        except _LOST as exc:
+            self._announce_due = True
+            log.debug("%s: model v%d not published yet: %s", self.id, self.version, exc)
+
+    async def _close(self, reason: CloseReason) -> None:
+        """Average, apply, checkpoint, sync, announce the next round, then report."""
+        rnd, s = self.round, self.settings
+        started = time.perf_counter()
+        self.params = apply_delta(self.params, rnd.average())
+        agg_ms = (time.perf_counter() - started) * 1e3
+        closed_at = self.clock()
+        self.version += 1
+        self.aggregations += 1
+        self.round = self._next_round(rnd.number + 1)
+        last_seq = dict(self.gate.last_seq)
+        pending_sync = None
+        if self.uplink is not None:
+            self.uplink.after_round(rnd.samples)
+            if self.uplink.due(s.sync_every):
+                pending_sync = await self._build_sync(rnd.number)
+        await self._checkpoint(last_seq, pending_sync)
+        if pending_sync is not None and self.outbox is not None:
+            await asyncio.to_thread(self.outbox.put, pending_sync["topic"], pending_sync["payload"])
+            self._uplink_due.set()
+            # Wait a little for the parent's next version, so the next local round starts
+            # from it; a slow or unreachable parent costs at most one local deadline.
+            self._wait_until = self.clock() + s.train.deadline_s
+        else:
+            await self._announce()
+        evaluation = await self._evaluate()
+        fields: dict[str, MetricValue] = {
+            "event": "round",
+            **self._round_fields(rnd),
+            "version": self.version,
+            "close": reason,
+            "agg_ms": round(agg_ms, 3),
+            "round_ms": round((closed_at - rnd.opened_at) * 1e3, 1),
+            "synced": pending_sync is not None,
+            "sync_seq": pending_sync["seq"] if pending_sync else None,
+            **evaluation,
+        }
+        await self._metrics(fields)
+        self._log_round(rnd, fields)
+
+    async def _build_sync(self, round_number: int) -> dict[str, Any]:
+        assert self.uplink is not None and self.outbox is not None and self.parent is not None
+        seq = await asyncio.to_thread(self.outbox.next_seq, self.id)
+        update = self.uplink.build(
+            self.params,
+            sender=self.id,
+            seq=seq,
+            round=round_number,
+            dtype=self.settings.update_dtype,
+        )
+        if self._hmac_key is not None:
+            update = sign(update, self._hmac_key)
+        self.uplink.sent(self.params)
+        return {
+            "seq": seq,
+            "topic": self.topics.update(self.parent, self.id),
+            "payload": encode_update(update),
+        }
+
+    async def _adopt_parent(self) -> bool:
+        """Take the parent's newer model, if one arrived; True if a round was (re)opened."""
+        pending, self._parent_model = self._parent_model, None
+        if pending is None or self.uplink is None or pending[0] == self.uplink.parent_version:
+            return False
+        previous = self.uplink.parent_version
+        self.params = self.uplink.adopt(pending[1], self.params, pending[0])
+        self.version += 1
+        log.info(
+            "%s: adopted %s v%d (had v%d): now v%d",
+            self.id,
+            self.parent,
+            pending[0],
+            previous,
+            self.version,
+        )
+        # A round with deltas folded keeps going: they land on the adopted model at its
+        # close. Otherwise the next local round starts from the adopted model now.
+        restart = not (self.round.announced and self.round.participants)
+        if restart and self.round.announced:
+            self.round = self._next_round(self.round.number + 1)
+        await self._checkpoint(dict(self.gate.last_seq), None)
+        if restart:
+            await self._announce()
+        return restart
+
+    # --------------------------------------------------------- state and sync
+    def _restore(self, state: NodeState | None) -> None:
+        if state is None:
+            return
+        if spec_of(state.params) != self.spec:
+            log.error(
+                "%s: checkpoint does not match task %s; starting fresh", self.id, self.settings.task
+            )
+            return
+        self.params = state.params
+        self.version = state.version
+        self.gate.last_seq = dict(state.last_seq)
+        extra = state.extra
+        self.aggregations = int(extra.get("aggregations", 0))
+        self.last_selected = {str(k): int(v) for k, v in extra.get("last_selected", {}).items()}
+        if self.parent is not None and "uplink" in extra:
+            self.uplink = Uplink.from_extra(extra["uplink"], state.parent_version or 0)
+        self._restored_sync = extra.get("sync")
+        self.round = self._next_round(state.round)
+        log.info(
+            "%s: resumed from checkpoint at version %d, round %d",
+            self.id,
+            self.version,
+            state.round,
+        )
+
+    def _requeue_pending_sync(self) -> None:
+        """A sync checkpointed but maybe not yet stored in the outbox when we stopped."""
+        pending, self._restored_sync = self._restored_sync, None
+        if pending and self.outbox is not None:
+            # If it was stored (or even delivered) already, the parent drops this copy
+            # as a duplicate seq; if it was not, this is its only copy.
+            self.outbox.put(pending["topic"], pending["payload"])
+
+    async def _checkpoint(self, last_seq: dict[str, int], sync: dict[str, Any] | None) -> None:
+        if self.store is None:
+            return
+        extra: dict[str, Any] = {
+            "aggregations": self.aggregations,
+            "last_selected": dict(self.last_selected),
+        }
+        if self.uplink is not None:
+            extra["uplink"] = self.uplink.to_extra()
+        if sync is not None:
+            extra["sync"] = sync
+        state = NodeState(
+            params=self.params,
+            version=self.version,
+            round=self.round.number,
+            parent_version=self.uplink.parent_version if self.uplink else None,
+            last_seq=last_seq,
+            extra=extra,
+        )
+        await asyncio.to_thread(self.store.save, state)
+
+    async def _flush_uplink(self) -> None:
+        """Deliver stored sync updates, oldest first; each leaves the outbox after its PUBACK."""
+        assert self.outbox is not None
+        outbox = self.outbox
+        self._uplink_due.set()
+        while True:
+            await self._uplink_due.wait()
+            self._uplink_due.clear()
+            while entries := await asyncio.to_thread(outbox.peek, 8):
+                self._uplink_idle.clear()
+                await self.transport.wait_connected()
+                try:
+                    for entry in entries:
+                        await self.transport.publish(entry.topic, entry.payload)
+                        await asyncio.to_thread(outbox.ack, entry.id)
+                except _LOST as exc:
+                    log.debug("%s: sync not delivered yet: %s", self.id, exc)
+                    await asyncio.sleep(self.settings.mqtt.reconnect_min_s)
+            self._uplink_idle.set()
+
+    async def _drain_uplink(self) -> None:
+        if self.outbox is None:
+            return
+        await _wait(self._uplink_idle, self.settings.mqtt.publish_timeout_s)
+
+    # --------------------------------------------------------------- reporting
+    async def _evaluate(self) -> dict[str, MetricValue]:
+        s = self.settings
+        if not (s.evaluate if s.evaluate is not None else self.tier == "cloud"):
+            return {}
+        started = time.perf_counter()
+        result = await asyncio.to_thread(self.task.evaluate, self.params)
+        if not result:
+            return {}
+        return {
+            "accuracy": _finite(result.get("accuracy")),
+            "loss": _finite(result.get("loss")),
+            "eval_ms": round((time.perf_counter() - started) * 1e3, 1),
+        }
+
+    def _round_fields(self, rnd: Round) -> dict[str, MetricValue]:
+        fields: dict[str, MetricValue] = {
+            "round": rnd.number,
+            "version": rnd.version,
+            "aggregations": self.aggregations,
+            "selected": len(rnd.selected),
+            "participants": rnd.participants,
+            "updates": rnd.updates,
+            "samples": rnd.samples,
+            "bytes_in": rnd.bytes_in,
+            "staleness_max": rnd.staleness_max,
+            "staleness_mean": round(rnd.staleness_mean, 3),
+            "fold_ms": round(rnd.fold_s * 1e3, 3),
+            "reannounced": rnd.reannounced,
+            "children_known": len(self.children),
+            "children_online": len(self.children.online),
+            "children_eligible": len(self.children.online_eligible),
+            "parent_version": self.uplink.parent_version if self.uplink else None,
+        }
+        counts = self.rejected + self.transport.rejected
+        for reason in Reason:
+            fields[f"rejected_{reason.value}"] = counts[reason]
+        fields["rejected_total"] = sum(counts.values())
+        return fields
+
+    def _log_round(self, rnd: Round, f: dict[str, MetricValue]) -> None:
+        who = f"{rnd.participants}/{len(rnd.selected)} selected" if rnd.selected else "open round"
+        accuracy = f", accuracy {f['accuracy']:.3f}" if isinstance(f.get("accuracy"), float) else ""
+        sync = f", synced as seq {f['sync_seq']}" if f["synced"] else ""
+        log.info(
+            "%s round %d closed (%s) after %.2f s: v%d -> v%d from %d updates (%s), %d samples, "
+            "%.0f KB, staleness <= %d, agg %.1f ms%s, rejected %d so far%s",
+            self.id,
+            rnd.number,
+            f["close"],
+            float(f["round_ms"] or 0) / 1e3,
+            rnd.version,
+            self.version,
+            rnd.updates,
+            who,
+            rnd.samples,
+            rnd.bytes_in / 1024,
+            rnd.staleness_max,
+            f["agg_ms"],
+            accuracy,
+            f["rejected_total"],
+            sync,
+        )
+
+    async def _metrics(self, fields: dict[str, MetricValue]) -> None:
+        self.last_metrics = fields
+        await self.telemetry.metrics(fields)
+
+    async def _heartbeat(self) -> None:
+        self._heartbeat_at = self.clock() + self.settings.heartbeat_s
+        if self.parent is None:
+            self._status_due = False
+            return
+        buffered = len(self.outbox) if self.outbox is not None else 0
+        status = Status(
+            online=True,
+            role=self.tier,
+            id=self.id,
+            buffered=buffered,
+            model_version=self.version,
+        )
+        self._status_due = not await self.telemetry.status(status)
+
+
+async def serve_aggregator(settings: AggregatorSettings) -> None:
+    """The ``edgefl gateway`` / ``edgefl cloud`` command: serve until cancelled or done."""
+    async with Aggregator(settings) as node:
+        await node.run()
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it can swallow a cancellation that
+    arrives just as the event fires, and a node would then never stop.
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
+
+
+async def _until_first_returns(coros: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``coros`` as tasks owned here: the first to finish (or fail) stops the others."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

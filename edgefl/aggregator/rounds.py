@@ -1,0 +1,131 @@
+"""One round of one node: the running aggregate, who answered, and when it may close.
+
+Pure state over the fedavg accumulators and an injected ``now``: no asyncio, no
+MQTT, no clock of its own. The node's shell folds updates in and asks ``ready``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from ..fedavg import Aggregate, RobustAverage, StreamingAverage
+from ..params import Params
+from ..wire import QTensor
+
+Rule = Literal["fedavg", "median", "trimmed_mean"]
+#: Why a round closed: every expected child answered, quorum reached, deadline passed.
+CloseReason = Literal["all", "quorum", "deadline"]
+
+
+def make_aggregate(rule: Rule, trim: float = 0.1) -> Aggregate:
+    """The accumulator for ``rule``: streaming (O(model)) or robust (holds every update)."""
+    if rule == "fedavg":
+        return StreamingAverage()
+    return RobustAverage(rule, trim)
+
+
+def quorum_target(min_updates: int, quorum: float, expected: int) -> int:
+    """Participants needed to close early: ``max(min_updates, ceil(quorum * expected))``."""
+    # The epsilon keeps 0.6 * 5 from rounding up to 4 through float error.
+    return max(min_updates, math.ceil(quorum * expected - 1e-9))
+
+
+def apply_delta(params: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Params:
+    """``params + delta``, a new float32 dict (the old one may still be being published)."""
+    return {
+        n: np.add(a, delta[n], dtype=np.float32) if n in delta else a for n, a in params.items()
+    }
+
+
+@dataclass
+class Round:
+    """A round from the node's side: opened at ``version``, folding children's deltas.
+
+    ``selected`` empty is an open round: any online, eligible child may answer.
+    ``deadline`` is wall-clock (it travels in the Model); 0 until announced.
+    """
+
+    number: int
+    version: int
+    aggregate: Aggregate
+    selected: tuple[str, ...] = ()
+    deadline: float = 0.0
+    opened_at: float = 0.0
+    announced: bool = False
+    reannounced: int = 0
+    senders: set[str] = field(default_factory=set)
+    samples: int = 0
+    bytes_in: int = 0
+    staleness_sum: int = 0
+    staleness_max: int = 0
+    fold_s: float = 0.0
+
+    @property
+    def updates(self) -> int:
+        return self.aggregate.count
+
+    @property
+    def participants(self) -> int:
+        return len(self.senders)
+
+    def fold(
+        self, sender: str, tensors: Sequence[QTensor], n: int, weight: float, staleness: int
+    ) -> None:
+        """Fold one accepted update straight into the aggregate: no float copy is kept."""
+        self.aggregate.add_quantized(tensors, weight)
+        self.senders.add(sender)
+        self.samples += n
+        self.staleness_sum += staleness
+        self.staleness_max = max(self.staleness_max, staleness)
+
+    def pool(self, online_eligible: Set[str], online: Set[str]) -> Set[str]:
+        """Children still expected to answer: the selected ones still online, or, for an
+        open round, every online eligible child."""
+        if self.selected:
+            return {c for c in self.selected if c in online}
+        return online_eligible
+
+    def ready(
+        self,
+        now: float,
+        *,
+        min_updates: int,
+        quorum: float,
+        online_eligible: Set[str],
+        online: Set[str],
+    ) -> CloseReason | None:
+        """Why the round may close now, or None. Never before the first update.
+
+        The quorum is counted in distinct participants over the expected children
+        (still-expected plus those who already answered); a child that went offline
+        mid-round stops being waited for, so it cannot stall the round. With no
+        child known to be online the round waits for ``min_updates`` or the deadline.
+        """
+        if not self.announced or self.participants == 0:
+            return None
+        pool = self.pool(online_eligible, online)
+        if pool and self.participants >= len(pool) and pool <= self.senders:
+            return "all"
+        expected = len(pool) + len(self.senders - pool)
+        if self.participants >= quorum_target(min_updates, quorum, expected):
+            return "quorum"
+        if now >= self.deadline:
+            return "deadline"
+        return None
+
+    def expired(self, now: float) -> bool:
+        """Deadline passed with nothing folded: the round must be re-announced."""
+        return self.announced and self.participants == 0 and now >= self.deadline
+
+    def average(self) -> Params:
+        """The (weighted or robust) average delta of the folded updates."""
+        return self.aggregate.result()
+
+    @property
+    def staleness_mean(self) -> float:
+        return self.staleness_sum / self.updates if self.updates else 0.0

@@ -1,0 +1,111 @@
+"""Who may train this round: the children's retained Status, the policy, fair selection.
+
+Pure: the node's shell feeds Status messages in and asks for a selection; nothing
+here reads a clock, publishes or sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Set
+
+from ..config import PolicySettings
+from ..profiles import Decision, EligibilityPolicy
+from ..wire import Status
+
+
+def policy_of(settings: PolicySettings) -> EligibilityPolicy:
+    """The same policy a device applies to itself, built from the node's settings."""
+    return EligibilityPolicy(
+        min_battery=settings.min_battery,
+        allowed_links=tuple(settings.allowed_links),
+        max_temp_c=settings.max_temp_c,
+    )
+
+
+class Children:
+    """The children a node knows from their retained Status, and which may train.
+
+    A child is *known* once it published any Status (the unknown-sender check
+    when no allow-list is configured), *online* while its last Status says so
+    (the LWT flips it), and *eligible* when it says so and the node's policy
+    agrees: battery, link, and an uplink fast enough for ``expected_bytes`` by
+    the deadline.
+    """
+
+    def __init__(
+        self,
+        policy: EligibilityPolicy,
+        *,
+        expected_bytes: int = 0,
+        deadline_s: float | None = None,
+        min_uplink_kbps: float = 0.0,
+    ) -> None:
+        self.policy = policy
+        self.expected_bytes = expected_bytes
+        self.deadline_s = deadline_s
+        self.min_uplink_kbps = min_uplink_kbps
+        self.status: dict[str, Status] = {}
+        self._online: set[str] = set()
+        self._eligible: set[str] = set()
+
+    def __contains__(self, child: object) -> bool:
+        return child in self.status
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    def update(self, child: str, status: Status | None) -> None:
+        """Record a child's Status; None (an emptied retained topic) forgets the child."""
+        self._online.discard(child)
+        self._eligible.discard(child)
+        if status is None:
+            self.status.pop(child, None)
+            return
+        self.status[child] = status
+        if status.online:
+            self._online.add(child)
+            if self.decide(status).ok:
+                self._eligible.add(child)
+
+    def decide(self, status: Status) -> Decision:
+        if not status.eligible:
+            return Decision(False, status.reason or "not_eligible")
+        kbps = status.uplink_kbps
+        if kbps is not None and kbps < self.min_uplink_kbps:
+            return Decision(False, "uplink_too_slow")
+        return self.policy.decide(
+            status, expected_bytes=self.expected_bytes, deadline_s=self.deadline_s
+        )
+
+    # Live views, not copies: the receive path asks for them on every update.
+    @property
+    def online(self) -> Set[str]:
+        return self._online
+
+    @property
+    def online_eligible(self) -> Set[str]:
+        return self._eligible
+
+
+def select(
+    candidates: Iterable[str],
+    last_selected: Mapping[str, int],
+    per_round: int,
+    *,
+    seed: int,
+    round: int,
+) -> tuple[str, ...]:
+    """Up to ``per_round`` candidates, least recently selected first, sorted by id.
+
+    Never-selected children come first; ties break by a shuffle seeded with
+    ``(seed, round)`` so that a run replays and equal children take turns.
+    ``per_round`` 0 means an open round: nobody is singled out.
+    """
+    if per_round <= 0:
+        return ()
+    pool = sorted(set(candidates))
+    rng = random.Random(f"{seed}:{round}")
+    tie = {c: rng.random() for c in pool}
+    ranked = sorted(pool, key=lambda c: (last_selected.get(c, -1), tie[c]))
+    return tuple(sorted(ranked[:per_round]))

@@ -1,0 +1,157 @@
+"""A tiny deterministic task and an MQTT harness that plays a node's children.
+
+The aggregator tests use these to send crafted, exactly known updates over a real
+broker and read back models and metrics; no training happens here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from edgefl.params import Params, Spec, spec_of
+from edgefl.quant import float_params, quantize_params
+from edgefl.topics import Topics
+from edgefl.wire import (
+    Model,
+    Status,
+    Update,
+    decode_metrics,
+    decode_model,
+    encode_status,
+    encode_update,
+    model_params,
+)
+
+SHAPES: dict[str, tuple[int, ...]] = {"w": (3, 4), "b": (4,)}
+
+
+class TinyTask:
+    """Two small tensors; ``init_params(seed)`` is the same for the same seed. No data."""
+
+    name = "tiny"
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def init_params(self, seed: int = 0) -> Params:
+        rng = np.random.default_rng(seed)
+        return {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+
+    def spec(self) -> Spec:
+        return spec_of(self.init_params())
+
+    def device_data(self, shard: int, num_shards: int) -> Any:
+        raise NotImplementedError("the tiny task has no data")  # pragma: no cover
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the tiny task is not trained")  # pragma: no cover
+
+    def evaluate(self, params: Params, data: Any = None) -> dict[str, float]:
+        return {"accuracy": float(np.tanh(abs(params["b"]).sum())), "loss": 1.0}
+
+
+def delta_of(seed: int, scale: float = 0.1) -> Params:
+    rng = np.random.default_rng(1000 + seed)
+    return {n: (scale * rng.standard_normal(s)).astype(np.float32) for n, s in SHAPES.items()}
+
+
+def make_update(
+    sender: str,
+    seq: int,
+    delta: Mapping[str, np.ndarray],
+    *,
+    base: int = 0,
+    n: int = 10,
+    round: int = 0,
+    dtype: str = "f32",
+) -> Update:
+    tensors = float_params(delta) if dtype == "f32" else quantize_params(delta)
+    return Update(sender=sender, seq=seq, round=round, base=base, n=n, tensors=tensors)
+
+
+class Harness:
+    """One real MQTT client playing children of ``node`` and watching topics."""
+
+    def __init__(self, client: aiomqtt.Client, topics: Topics) -> None:
+        self.client = client
+        self.topics = topics
+        self.models: dict[str, list[Model]] = {}
+        self.metrics: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+
+    async def status(self, node: str, child: str, **fields: Any) -> None:
+        status = Status(online=True, id=child, **fields)
+        await self.client.publish(
+            self.topics.status(node, child), encode_status(status), qos=1, retain=True
+        )
+
+    async def send(self, node: str, update: Update, *, topic_sender: str | None = None) -> None:
+        await self.raw(node, topic_sender or update.sender, encode_update(update))
+
+    async def raw(self, node: str, sender: str, payload: bytes) -> None:
+        await self.client.publish(self.topics.update(node, sender), payload, qos=1)
+
+    async def _listen(self) -> None:
+        async for msg in self.client.messages:
+            payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
+            parsed = self.topics.parse(msg.topic.value)
+            if parsed.kind == "model" and payload:
+                self.models.setdefault(parsed.node, []).append(decode_model(payload))
+            elif parsed.kind == "metrics":
+                self.metrics.append(decode_metrics(payload))
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> Any:
+        """Wait until ``predicate()`` returns something truthy; return it."""
+        async with asyncio.timeout(timeout), self._changed:
+            while not (found := predicate()):
+                await self._changed.wait()
+            return found
+
+    def model(self, node: str, version: int) -> Model | None:
+        return next((m for m in self.models.get(node, []) if m.version == version), None)
+
+    async def wait_model(self, node: str, version: int, timeout: float = 10.0) -> Model:
+        return await self.wait_for(lambda: self.model(node, version), timeout)  # type: ignore[no-any-return]
+
+    def latest_metrics(self, node: str, event: str = "round") -> dict[str, Any] | None:
+        found = [m for m in self.metrics if m["id"] == node and m.get("event") == event]
+        return found[-1] if found else None
+
+    async def wait_metrics(self, node: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        def hit() -> dict[str, Any] | None:
+            for m in reversed(self.metrics):
+                if m["id"] == node and all(m.get(k) == v for k, v in match.items()):
+                    return m
+            return None
+
+        return await self.wait_for(hit, timeout)  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def harness(broker_url: str, prefix: str = "edgefl") -> AsyncIterator[Harness]:
+    host, _, port = broker_url.rpartition(":")
+    topics = Topics(prefix)
+    async with aiomqtt.Client(host, int(port), identifier=f"harness-{time.monotonic_ns()}") as c:
+        h = Harness(c, topics)
+        await c.subscribe(f"{prefix}/+/model", qos=1)
+        await c.subscribe(topics.all_metrics(), qos=1)
+        listener = asyncio.create_task(h._listen())
+        try:
+            yield h
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+
+def params_of(model: Model) -> Params:
+    return model_params(model)

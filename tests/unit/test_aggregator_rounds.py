@@ -1,0 +1,154 @@
+"""Rounds, selection and sync bookkeeping of the aggregation node: pure rules, no broker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgefl.aggregator.rounds import Round, apply_delta, make_aggregate, quorum_target
+from edgefl.aggregator.selection import Children, policy_of, select
+from edgefl.aggregator.uplink import Uplink
+from edgefl.config import PolicySettings
+from edgefl.quant import dequantize_params, float_params
+from edgefl.wire import Status
+
+
+def _round(selected: tuple[str, ...] = (), deadline: float = 100.0) -> Round:
+    r = Round(0, 0, make_aggregate("fedavg"), selected=selected, deadline=deadline)
+    r.announced = True
+    return r
+
+
+def _fold(r: Round, sender: str, value: float = 1.0, n: int = 1) -> None:
+    r.fold(sender, float_params({"x": np.full(2, value, np.float32)}), n, float(n), 0)
+
+
+@pytest.mark.parametrize(
+    ("min_updates", "quorum", "expected", "target"),
+    [(1, 1.0, 0, 1), (1, 1.0, 5, 5), (1, 0.6, 5, 3), (4, 0.5, 4, 4), (2, 0.1, 30, 3)],
+)
+def test_quorum_target_is_the_larger_of_min_updates_and_the_fraction(
+    min_updates: int, quorum: float, expected: int, target: int
+) -> None:
+    assert quorum_target(min_updates, quorum, expected) == target
+
+
+def test_open_round_closes_when_every_online_eligible_child_answered() -> None:
+    r = _round()
+    kids = {"a", "b", "c"}
+    kw = {"min_updates": 1, "quorum": 1.0, "online_eligible": kids, "online": kids}
+    assert r.ready(0.0, **kw) is None  # nothing folded yet
+    _fold(r, "a")
+    _fold(r, "b")
+    assert r.ready(0.0, **kw) is None
+    _fold(r, "c")
+    assert r.ready(0.0, **kw) == "all"
+
+
+def test_quorum_fraction_closes_early_and_deadline_needs_one_update() -> None:
+    kids = {f"d{i}" for i in range(10)}
+    kw = {"min_updates": 2, "quorum": 0.3, "online_eligible": kids, "online": kids}
+    r = _round(deadline=10.0)
+    assert r.ready(11.0, **kw) is None and r.expired(11.0)
+    _fold(r, "d0")
+    assert r.ready(5.0, **kw) is None
+    assert r.ready(10.0, **kw) == "deadline"
+    _fold(r, "d1")
+    _fold(r, "d1")  # a second update from the same child is no second participant
+    assert r.ready(5.0, **kw) is None
+    _fold(r, "d2")
+    assert r.ready(5.0, **kw) == "quorum"
+
+
+def test_selected_child_that_goes_offline_is_not_waited_for() -> None:
+    r = _round(selected=("a", "b", "c"))
+    _fold(r, "a")
+    _fold(r, "b")
+    online = {"a", "b", "c"}
+    assert r.ready(0.0, min_updates=1, quorum=1.0, online_eligible=online, online=online) is None
+    online.discard("c")  # its last will arrived
+    assert r.ready(0.0, min_updates=1, quorum=1.0, online_eligible=online, online=online) == "all"
+
+
+def test_round_with_no_known_child_waits_for_min_updates() -> None:
+    r = _round()
+    _fold(r, "x")
+    kw = {"min_updates": 2, "quorum": 1.0, "online_eligible": set(), "online": set()}
+    assert r.ready(0.0, **kw) is None
+    _fold(r, "y")
+    assert r.ready(0.0, **kw) == "quorum"
+
+
+def test_round_average_is_sample_weighted_and_applied_as_a_delta() -> None:
+    r = _round()
+    _fold(r, "a", 1.0, n=1)
+    _fold(r, "b", 4.0, n=3)
+    delta = r.average()
+    np.testing.assert_allclose(delta["x"], [3.25, 3.25])
+    new = apply_delta({"x": np.zeros(2, np.float32)}, delta)
+    assert new["x"].dtype == np.float32 and r.samples == 4 and r.participants == 2
+
+
+def test_selection_prefers_the_least_recently_selected_and_replays_with_the_seed() -> None:
+    kids = [f"d{i}" for i in range(6)]
+    first = select(kids, {}, 3, seed=7, round=0)
+    assert first == select(kids, {}, 3, seed=7, round=0) and len(first) == 3
+    last = dict.fromkeys(first, 0)
+    second = select(kids, last, 3, seed=7, round=1)
+    assert set(first).isdisjoint(second)  # everyone trains before anyone twice
+    assert select(kids, {}, 0, seed=7, round=0) == ()  # open round
+    assert len(select(kids, {}, 10, seed=7, round=0)) == 6
+
+
+def test_children_policy_excludes_offline_low_battery_and_slow_links() -> None:
+    kids = Children(
+        policy_of(PolicySettings(min_battery=0.3, allowed_links=["wifi", "ethernet"])),
+        expected_bytes=1_000_000,
+        deadline_s=10.0,
+    )
+    kids.update("ok", Status(online=True, battery=0.9, charging=False, link="wifi"))
+    kids.update("flat", Status(online=True, battery=0.1, charging=False, link="wifi"))
+    kids.update("plugged", Status(online=True, battery=0.1, charging=True, link="ethernet"))
+    kids.update("cell", Status(online=True, link="cellular"))
+    kids.update("slow", Status(online=True, link="wifi", uplink_kbps=100.0))  # 80 s for 1 MB
+    kids.update("says_no", Status(online=True, eligible=False, reason="too_hot"))
+    kids.update("gone", Status(online=False))
+    assert set(kids.online_eligible) == {"ok", "plugged"}
+    assert "gone" in kids and "gone" not in kids.online
+    kids.update("ok", None)  # retained status cleared
+    assert "ok" not in kids and set(kids.online_eligible) == {"plugged"}
+
+
+def _params(value: float) -> dict[str, np.ndarray]:
+    return {"x": np.full(3, value, np.float32)}
+
+
+def test_uplink_sends_only_unsent_work_so_two_syncs_never_count_twice() -> None:
+    up = Uplink(reference=_params(0.0), parent_version=5)
+    up.after_round(10)
+    assert up.due(1) and not up.due(2)
+    first = up.build(_params(1.0), sender="gw", seq=0, round=0, dtype="f32")
+    up.sent(_params(1.0))
+    up.after_round(20)
+    second = up.build(_params(3.0), sender="gw", seq=1, round=1, dtype="f32")
+    assert (first.base, first.n, second.base, second.n) == (5, 10, 5, 20)
+    np.testing.assert_allclose(dequantize_params(first.tensors)["x"], 1.0)
+    np.testing.assert_allclose(dequantize_params(second.tensors)["x"], 2.0)
+
+
+def test_uplink_adoption_carries_unsent_work_onto_the_parent_model() -> None:
+    up = Uplink(reference=_params(0.0), parent_version=0)
+    model = up.adopt(_params(10.0), _params(0.5), 3)  # 0.5 of local work not yet sent
+    np.testing.assert_allclose(model["x"], 10.5)
+    assert up.parent_version == 3
+    up.sent(model)
+    assert up.adopt(_params(20.0), model, 4)["x"][0] == 20.0  # right after a sync: as is
+
+
+def test_uplink_survives_a_checkpoint_round_trip_with_its_residual() -> None:
+    up = Uplink(reference=_params(0.0), parent_version=2)
+    up.after_round(7)
+    up.build({"x": np.array([0.0, 0.3, 1.0], np.float32)}, sender="g", seq=0, round=0)
+    back = Uplink.from_extra(up.to_extra(), 2)
+    np.testing.assert_array_equal(back.feedback.residual["x"], up.feedback.residual["x"])
+    assert (back.samples_since_sync, back.rounds_since_sync) == (7, 1)
