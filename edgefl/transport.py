@@ -298,6 +298,8 @@ class Transport:
                 if "timed out" in str(exc).lower():
                     raise PublishTimeout(f"no PUBACK for {topic} within {limit}s") from None
                 raise NotConnected(str(exc)) from None
+            except asyncio.TimeoutError:  # aiomqtt lets asyncio's own timeout through
+                raise PublishTimeout(f"no PUBACK for {topic} within {limit}s") from None
             self.bytes_out += len(payload)
             self.messages_out += 1
 
