@@ -7,6 +7,7 @@ disk, and never changes global torch state (RNG included) behind the caller.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import sys
@@ -31,6 +32,15 @@ _warned: set[str] = set()
 
 class TrainingStopped(Exception):
     """``should_stop`` asked local training to end early; there is no result."""
+
+
+def accepts_should_stop(train: Callable[..., Any]) -> bool:
+    """Whether a Task's ``train`` takes ``should_stop`` (tasks written before it may not)."""
+    try:
+        params = inspect.signature(train).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "should_stop" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _warn_once(key: str, message: str) -> None:
