@@ -1,0 +1,71 @@
+"""What a device tells its gateway and its monitors: Status and metrics records. Pure.
+
+A Status goes out at once when something a selector cares about changes
+(``status_key``), otherwise only on the heartbeat.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..profiles import Decision, Reading
+from ..wire import MetricValue, Status
+
+
+def device_status(
+    device_id: str,
+    reading: Reading,
+    decision: Decision,
+    *,
+    uplink_kbps: float | None,
+    buffered: int,
+    model_version: int | None,
+    ts: float,
+) -> Status:
+    """``uplink_kbps`` is used where the reading has no figure of its own."""
+    kbps = reading.uplink_kbps if reading.uplink_kbps is not None else uplink_kbps
+    return Status(
+        online=True,
+        id=device_id,
+        battery=None if reading.battery is None else round(reading.battery, 3),
+        charging=reading.charging,
+        link=reading.link,
+        uplink_kbps=None if kbps is None else round(kbps, 1),
+        buffered=buffered,
+        model_version=model_version,
+        eligible=decision.ok,
+        reason="" if decision.ok else decision.reason,
+        ts=ts,
+    )
+
+
+def status_key(status: Status) -> tuple[Any, ...]:
+    """What counts as a change worth publishing at once: not ``ts``, not the uplink estimate."""
+    battery = None if status.battery is None else round(status.battery * 100)
+    return (
+        status.online,
+        battery,
+        status.charging,
+        status.link,
+        status.buffered,
+        status.model_version,
+        status.eligible,
+        status.reason,
+    )
+
+
+def profile_fields(reading: Reading, uplink_kbps: float | None) -> dict[str, MetricValue]:
+    """The device's resources as they go into every metrics record."""
+    return {
+        "battery": reading.battery,
+        "charging": reading.charging,
+        "link": reading.link,
+        "uplink_kbps": reading.uplink_kbps if reading.uplink_kbps is not None else uplink_kbps,
+    }
+
+
+def finite(record: Mapping[str, MetricValue]) -> dict[str, MetricValue]:
+    """The record without NaN or infinities, which JSON cannot carry."""
+    return {k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)}
