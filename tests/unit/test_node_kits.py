@@ -1,0 +1,46 @@
+"""Every gateway and cloud settings file in the deploy kits loads, and means what it says."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edgefl.config import AggregatorSettings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+KITS = sorted([*REPO.glob("gateways/*.toml"), *REPO.glob("cloud/*.toml")])
+
+
+def test_the_kits_ship_a_gateway_and_a_cloud() -> None:
+    assert {p.relative_to(REPO).as_posix() for p in KITS} >= {
+        "gateways/gateway.toml",
+        "cloud/cloud.toml",
+    }
+
+
+@pytest.mark.parametrize("path", KITS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_kit_loads_as_aggregator_settings(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("EDGEFL_")]:
+        monkeypatch.delenv(name)  # the file alone, not this shell's overrides
+    settings = load_settings(AggregatorSettings, path)
+    tier = "cloud" if path.parent.name == "cloud" else "gateway"
+    assert settings.tier == tier
+    assert (settings.parent is None) == (tier == "cloud")
+    assert settings.checkpoint and settings.task
+
+
+def test_cloud_waits_longer_than_a_gateway_sync_cycle() -> None:
+    gateway = load_settings(AggregatorSettings, REPO / "gateways" / "gateway.toml")
+    cloud = load_settings(AggregatorSettings, REPO / "cloud" / "cloud.toml")
+    assert cloud.train.deadline_s >= gateway.sync_every * gateway.train.deadline_s
+    assert (cloud.task, cloud.seed) == (gateway.task, gateway.seed)  # deltas line up
+
+
+@pytest.mark.parametrize("unit", ["gateways/edgefl-gateway.service", "cloud/edgefl-cloud.service"])
+def test_systemd_unit_runs_its_tier_with_its_kit_file(unit: str) -> None:
+    text = (REPO / unit).read_text()
+    tier = "cloud" if unit.startswith("cloud") else "gateway"
+    assert f"edgefl {tier} --config /etc/edgefl/{tier}.toml" in text
+    assert "Restart=always" in text and "KillSignal=SIGTERM" in text
