@@ -19,11 +19,16 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .config import MqttSettings
 from .wire import Reason, Reassembler, UpdateRejected, is_chunk, split
 
 log = logging.getLogger(__name__)
+
+#: How long an MQTT 5 broker keeps a persistent session of a client that is away.
+SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
 class NotConnected(ConnectionError):
@@ -87,10 +92,15 @@ class Transport:
         reassembly_timeout_s: float = 120.0,
         max_payload_bytes: int = 64 * 1024 * 1024,
         queue_size: int = 0,
+        persistent: bool = False,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
         self.will = will
+        #: Keep the broker session (subscriptions and queued QoS 1 messages) across
+        #: disconnects and restarts of this client id: what arrives while we are away
+        #: waits for us instead of being dropped.
+        self.persistent = persistent
         self._on_connect = on_connect
         self._subscriptions: dict[str, int] = {}
         self._client: aiomqtt.Client | None = None
@@ -151,13 +161,22 @@ class Transport:
             password=s.password,
             protocol=protocol,
             will=will,
-            clean_session=None if s.protocol == "5" else True,
+            **self._session_options(),
             keepalive=s.keepalive_s,
             timeout=max(10.0, s.publish_timeout_s),
             max_inflight_messages=s.max_inflight,
             tls_context=tls_context(s),
             tls_insecure=s.tls_insecure if s.ca_file else None,
         )
+
+    def _session_options(self) -> dict[str, Any]:
+        if self.settings.protocol != "5":
+            return {"clean_session": not self.persistent}
+        if not self.persistent:
+            return {"clean_session": None}
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        return {"clean_session": None, "clean_start": False, "properties": props}
 
     async def _run(self) -> None:
         delay = self.settings.reconnect_min_s
