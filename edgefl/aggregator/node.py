@@ -126,6 +126,8 @@ class Aggregator:
             will=last_will(self.topics, self.parent, self.id, self.tier) if self.parent else None,
             on_connect=self._on_connect,
             max_payload_bytes=self._payload_limit,
+            # Updates sent while the node restarts wait at the broker, not in the void.
+            persistent=True,
         )
         self.telemetry = Telemetry(
             self.transport,
@@ -481,6 +483,7 @@ class Aggregator:
         extra = state.extra
         self.aggregations = int(extra.get("aggregations", 0))
         self.last_selected = {str(k): int(v) for k, v in extra.get("last_selected", {}).items()}
+        self.children.remember(str(c) for c in extra.get("children", []))
         if self.parent is not None and "uplink" in extra:
             self.uplink = Uplink.from_extra(extra["uplink"], state.parent_version or 0)
         self._restored_sync = extra.get("sync")
@@ -506,6 +509,7 @@ class Aggregator:
         extra: dict[str, Any] = {
             "aggregations": self.aggregations,
             "last_selected": dict(self.last_selected),
+            "children": sorted(self.children.known),
         }
         if self.uplink is not None:
             extra["uplink"] = self.uplink.to_extra()

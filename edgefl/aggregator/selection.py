@@ -46,14 +46,24 @@ class Children:
         self.deadline_s = deadline_s
         self.min_uplink_kbps = min_uplink_kbps
         self.status: dict[str, Status] = {}
+        self._known: set[str] = set()
         self._online: set[str] = set()
         self._eligible: set[str] = set()
 
     def __contains__(self, child: object) -> bool:
-        return child in self.status
+        return child in self._known
 
     def __len__(self) -> int:
-        return len(self.status)
+        return len(self._known)
+
+    @property
+    def known(self) -> Set[str]:
+        return self._known
+
+    def remember(self, children: Iterable[str]) -> None:
+        """Children known before a restart: after a reconnect, updates queued in the
+        broker session arrive before the retained statuses that introduce them."""
+        self._known.update(children)
 
     def update(self, child: str, status: Status | None) -> None:
         """Record a child's Status; None (an emptied retained topic) forgets the child."""
@@ -61,8 +71,10 @@ class Children:
         self._eligible.discard(child)
         if status is None:
             self.status.pop(child, None)
+            self._known.discard(child)
             return
         self.status[child] = status
+        self._known.add(child)
         if status.online:
             self._online.add(child)
             if self.decide(status).ok:
