@@ -1,20 +1,23 @@
-"""Test plumbing for brokers run from the shipped configs: certificates, credentials, rendering.
+"""Test plumbing for fleets on brokers run from the shipped configs.
 
 The configs in ``cloud/`` and ``gateways/`` are started as they are, with only
 their paths, ports and addresses filled in here, so a test failing means the
-shipped file is wrong.
+shipped file is wrong. ``serving`` runs nodes and devices for the length of a block.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import getpass
 import ipaddress
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edgefl import credentials
 from edgefl.broker import RunningBroker, free_port, start_mosquitto
@@ -240,3 +243,25 @@ def bridged_gateway_broker(
         },
     )
     return ConfBroker(conf, port, directory, passwords, keys).start()
+
+
+@contextlib.asynccontextmanager
+async def serving(*members: Any) -> AsyncIterator[None]:
+    """Enter each Aggregator or DeviceAgent and run it until the block ends."""
+    async with contextlib.AsyncExitStack() as stack:
+        for member in members:
+            await stack.enter_async_context(member)
+        tasks = [asyncio.ensure_future(m.run()) for m in members]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until(condition: Callable[[], bool], timeout: float) -> None:
+    """Poll ``condition`` until it holds; ``TimeoutError`` after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
