@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -77,6 +78,20 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     if settings.tls_insecure:
         ctx.check_hostname = False
     return ctx
+
+
+def _no_delay(client: aiomqtt.Client) -> None:
+    """Turn Nagle's algorithm off on the client's socket.
+
+    QoS 1 is request and response: with Nagle on, a publish written right after
+    another waits for the (delayed) TCP ACK of the first, which stalls PUBACKs by
+    tens of milliseconds. aiomqtt does not expose the socket, so this reaches paho's.
+    """
+    paho_client = getattr(client, "_client", None)
+    sock = paho_client.socket() if paho_client is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Transport:
@@ -185,6 +200,7 @@ class Transport:
             try:
                 async with self._make_client() as client:
                     self._client = client
+                    _no_delay(client)
                     for topic, qos in list(self._subscriptions.items()):
                         await client.subscribe(topic, qos)
                     self.connects += 1
