@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -188,10 +189,14 @@ async def test_agent_trains_its_shard_and_the_update_lowers_the_loss(
 ) -> None:
     params = task.init_params(0)
     settings = device_settings(broker.url, tmp_path, hmac_key=KEY)
-    async with Gateway(broker.url).running() as gw, serving(DeviceAgent(settings, task)):
+    agent = DeviceAgent(settings, task)
+    async with Gateway(broker.url).running() as gw, serving(agent):
         await gw.publish_model(params, version=3, round_=1, epochs=3)
         await gw.until(lambda: bool(gw.updates) and bool(gw.rounds()), 30)
         await asyncio.sleep(0.5)  # room for a duplicate to show up
+        # Nagle off: back-to-back QoS 1 publishes would wait on delayed TCP ACKs.
+        sock = agent.transport._client._client.socket()  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
 
     (update,) = gw.updates
     n = len(task.device_data(0, SHARDS))
