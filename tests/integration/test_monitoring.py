@@ -143,19 +143,24 @@ async def test_every_monitoring_view_agrees_with_the_metrics_topics(
     exporter = await asyncio.create_subprocess_exec(
         *monitor, "--prometheus", str(prom_port), "--no-view"
     )
-    once = await asyncio.create_subprocess_exec(
-        *monitor, "--once", "--json", "--wait", "12", stdout=subprocess.PIPE
-    )
+    once, once_text = [
+        await asyncio.create_subprocess_exec(
+            *monitor, "--once", *extra, "--wait", "12", stdout=subprocess.PIPE
+        )
+        for extra in (["--json"], [])
+    ]
     try:
         async with fleet(broker, tmp_path, task):
             await sub.until(lambda _: len(sub.rounds("cloud", "cloud")) >= 3, timeout=90)
             async with asyncio.timeout(30):
-                out, _ = await once.communicate()
+                (out, _), (text, _) = await asyncio.gather(
+                    once.communicate(), once_text.communicate()
+                )
         await sub.drain()
         samples = await asyncio.to_thread(scrape, prom_port)
     finally:
         sub.stop()
-        for proc in (exporter, once):
+        for proc in (exporter, once, once_text):
             if proc.returncode is None:
                 proc.terminate()
             await proc.wait()
@@ -190,6 +195,18 @@ async def test_every_monitoring_view_agrees_with_the_metrics_topics(
     history = snap["nodes"]["cloud"]["accuracy_history"]
     upto = [r["accuracy"] for r in cloud_rounds if r["round"] <= snap["nodes"]["cloud"]["round"]]
     assert history and history == upto[-len(history) :]
+    # and the same in the terminal view: node, tier, online, children, round, version,
+    # participants, accuracy, ...
+    assert once_text.returncode == 0
+    rows = {
+        cells[1].strip(): [c.strip() for c in cells[2:]]
+        for cells in (line.split("│") for line in text.decode().splitlines())
+        if len(cells) > 2
+    }
+    shown_round = int(rows["cloud"][3])
+    (record,) = [r for r in cloud_rounds if r["round"] == shown_round]
+    assert rows["cloud"][4:7] == [str(record["version"]), "1", f"{record['accuracy']:.3f}"]
+    assert rows["dev-2"][:4] == ["gw-1", "yes", f"{BATTERY['dev-2'] * 100:.0f}%", "wifi"]
     for dev, battery in BATTERY.items():
         shown = snap["devices"][dev]
         assert (shown["gateway"], shown["online"], shown["battery"]) == ("gw-1", True, battery)

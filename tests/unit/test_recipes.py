@@ -192,6 +192,21 @@ def test_bad_ids_and_roles_are_refused_in_one_line(
     assert not (tmp_path / "passwd").exists()
 
 
+def test_a_missing_mosquitto_passwd_is_reported_with_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgefl.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    argv = ["credentials", "add", "--role", "device", "--id", "dev-7",
+            "--passwd-file", str(tmp_path / "passwd"), "--acl-file", str(tmp_path / "acl"),
+            "--keys-dir", str(tmp_path / "keys")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "mosquitto_passwd not found" in err and "apt-get install" in err
+    assert not (tmp_path / "acl").exists() and not (tmp_path / "keys").exists()
+
+
 def _sections(printed: str) -> list[str]:
     return [s for s in re.split(r"^# --- .*$", printed, flags=re.MULTILINE) if s.strip()]
 
