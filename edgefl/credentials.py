@@ -1,8 +1,8 @@
 """``edgefl credentials``: broker passwords, ACL blocks and update-signing keys.
 
 A broker user's name is the node's id, so the ACL can tie every write to the
-sender's own topics. Passwords go through ``mosquitto_passwd``; this module
-never prints or stores a password anywhere but the hashed file and stdout.
+sender's own topics. Passwords go through ``mosquitto_passwd -b`` (so, for a
+moment, on its command line) and are stored only hashed; they are printed once.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def add(
     set_password(passwd_file, node_id, password)
     acl_file.parent.mkdir(parents=True, exist_ok=True)
     previous = acl_file.read_text() if acl_file.exists() else ""
-    _write_private(acl_file, upsert_acl(previous, node_id, block), mode=0o644)
+    _write_atomically(acl_file, upsert_acl(previous, node_id, block), mode=0o644)
     key, key_file = None, None
     if role in ("device", "gateway"):  # the cloud has no parent to sign for
         key_file = keys_dir / f"{node_id}.key"
@@ -263,12 +263,12 @@ def _load_or_make_key(path: Path, rotate: bool) -> str:
     key = secrets.token_hex(KEY_BYTES)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    _write_private(path, key + "\n", mode=0o600)
+    _write_atomically(path, key + "\n", mode=0o600)
     return key
 
 
-def _write_private(path: Path, text: str, *, mode: int) -> None:
-    """Write through a temp file created with ``mode`` (never world-readable in between)."""
+def _write_atomically(path: Path, text: str, *, mode: int) -> None:
+    """Write through a temp file created with ``mode``: never readable by others in between."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as f:
