@@ -37,8 +37,6 @@ from .update import (
     expected_update_bytes,
     float32_bytes,
     is_finite,
-    pack_params,
-    unpack_params,
 )
 from .uplink import LOST, Uploader
 from .worker import run_stoppable
@@ -47,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: How long a stop waits for a training thread that ignores its stop flag.
 STOP_WAIT_S = 10.0
+#: How long a model that arrived mid-connect waits for the session to be up.
+SESSION_WAIT_S = 5.0
 #: How long a clean stop waits to publish ``online: false``.
 GOODBYE_TIMEOUT_S = 2.0
 #: The profile is re-read this often; Status goes out on change or every heartbeat.
@@ -57,7 +57,6 @@ LINK_POLL_S = 0.25
 UPDATE_METRICS = ("loss", "loss_before", "train_ms", "samples")
 
 PROGRESS_KEY = "device.progress"
-RESIDUAL_KEY = "device.residual"
 
 
 class DeviceAgent:
@@ -144,9 +143,8 @@ class DeviceAgent:
         )
         self.outbox = box
         self.progress = Progress.load(box.get_state(PROGRESS_KEY))
-        residual = box.get_state(RESIDUAL_KEY)
-        if residual and self.encoder.error_feedback:
-            self.encoder.feedback.residual = unpack_params(residual)
+        if self.encoder.error_feedback:
+            self.encoder.feedback.residual = self.progress.residual
         log.info(
             "device %s: task %s, %d samples, gateway %s at %s, %d updates buffered",
             self.id,
@@ -240,6 +238,7 @@ class DeviceAgent:
         while True:
             await self._model_due.wait()
             self._model_due.clear()
+            await self._session_up()
             model = self._latest
             if model is None or not selected(model, self.id):
                 continue
@@ -252,6 +251,14 @@ class DeviceAgent:
                 await self._train_round(model)
             else:
                 await self._decline(model, decision.reason, reading)
+
+    async def _session_up(self) -> None:
+        """A retained model can arrive while the session is still subscribing; its
+        status and metrics should not be lost to that moment, so wait for it (bounded)."""
+        transport = self.transport
+        if transport is not None and not transport.connected:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await transport.wait_connected(SESSION_WAIT_S)
 
     def _decide(self, reading: Reading, model: Model | None) -> Decision:
         return decide(
@@ -306,7 +313,9 @@ class DeviceAgent:
             self.declined["diverged"] += 1
             self.progress.trained = key
             return
+        stored = time.perf_counter()
         seq, size, encode_ms = self._store(model, result, tensors)
+        store_ms = (time.perf_counter() - stored) * 1000.0
         self.rounds_trained += 1
         self._status_due.set()  # buffered changed
         sent, upload_ms = await self._flush()
@@ -332,6 +341,7 @@ class DeviceAgent:
             **{k: float(v) for k, v in m.items()},
             "quantize_ms": quantize_ms,
             "encode_ms": encode_ms,
+            "store_ms": store_ms,
             "upload_bytes": size,
             "compression": float32_bytes(self.spec) / size,
             "upload_ms": upload_ms,
@@ -346,6 +356,7 @@ class DeviceAgent:
         s = self.settings
         params = wire_params(model)
         extra: dict[str, Any] = {"should_stop": self._stop.is_set} if self._stoppable else {}
+        start = time.perf_counter()
         result = self.task.train(
             params,
             self.data,
@@ -356,6 +367,7 @@ class DeviceAgent:
             seed=(s.seed * 1_000_003 + model.round) % 2**31,
             **extra,
         )
+        result.metrics["task_ms"] = (time.perf_counter() - start) * 1000.0
         if not is_finite(result.delta):
             return result, None, 0.0
         start = time.perf_counter()
@@ -365,11 +377,12 @@ class DeviceAgent:
     def _store(
         self, model: Model, result: TrainResult, tensors: list[QTensor]
     ) -> tuple[int, int, float]:
-        """Mark the round trained, then seq, signature and entry in one outbox transaction.
+        """Save the progress (round trained, residual), then seq, signature and entry.
 
-        No await in here, so a stop cannot fall between the writes. Progress first:
-        a crash between them loses this round's update rather than letting the
-        restarted device train the round again and send it twice.
+        Two outbox transactions with no await between them, so a stop cannot fall
+        there. Progress first: a crash between the two loses this round's update
+        rather than letting the restarted device train the round again and send it
+        twice (an aggregator dedupes by seq, not by round).
         """
         box = self._box()
         made: dict[str, float] = {}
@@ -390,10 +403,9 @@ class DeviceAgent:
             return payload
 
         self.progress.trained = (model.round, model.version)
+        self.progress.residual = self.encoder.feedback.residual
         box.set_state(PROGRESS_KEY, self.progress.dump())
         _, seq = box.put_with_seq(self.id, self.update_topic, build)
-        if self.encoder.error_feedback:
-            box.set_state(RESIDUAL_KEY, pack_params(self.encoder.feedback.residual))
         return seq, int(made["size"]), made["encode_ms"]
 
     # ---------------------------------------------------------------- outbox
@@ -419,11 +431,11 @@ class DeviceAgent:
             reading = self.reader.read()
             pending = self._pending()
             decision = self._decide(reading, pending)
-            await self._publish_status(reading, decision)
             if pending is not None and decision.ok:
                 self._model_due.set()  # things changed: try the declined round again
             if self.connected and len(self._box()):
                 self._flush_due.set()
+            await self._publish_status(reading, decision)
 
     async def _publish_status(self, reading: Reading, decision: Decision) -> None:
         """Publish on a change (battery in whole percent) or once the heartbeat is due."""

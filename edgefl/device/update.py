@@ -7,10 +7,9 @@ No I/O, no asyncio, no torch.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
@@ -22,8 +21,8 @@ from ..wire import QTensor, Update, encode_update, sign
 
 #: Bytes of an encoded Update besides its tensor payloads: the header, then name,
 #: shape, lo and scale per tensor. Only used to judge whether an upload fits a deadline.
-UPDATE_HEADER_BYTES = 256
-TENSOR_HEADER_BYTES = 96
+UPDATE_HEADER_BYTES = 160
+TENSOR_HEADER_BYTES = 64
 
 
 def expected_update_bytes(spec: Spec, dtype: str = "u8") -> int:
@@ -119,19 +118,34 @@ def unpack_params(data: bytes) -> Params:
 
 @dataclass
 class Progress:
-    """What a restarted device must remember: the last round it trained, the last model seen."""
+    """What a restarted device must remember, kept under one outbox state key.
 
-    trained: tuple[int, int] | None = None  # (round, version)
+    ``trained`` is the last (round, version) trained, ``model_version`` the last
+    model seen (for Status), ``residual`` the error feedback carried forward.
+    """
+
+    trained: tuple[int, int] | None = None
     model_version: int | None = None
+    residual: Params = field(default_factory=dict)
 
     def dump(self) -> bytes:
-        return json.dumps({"trained": self.trained, "model_version": self.model_version}).encode()
+        return msgpack.packb(
+            {
+                "trained": list(self.trained) if self.trained else None,
+                "model_version": self.model_version,
+                "residual": pack_params(self.residual),
+            },
+            use_bin_type=True,
+        )
 
     @classmethod
     def load(cls, data: bytes | None) -> Progress:
         if not data:
             return cls()
-        doc = json.loads(data)
+        doc = msgpack.unpackb(data, raw=False)
         trained = doc.get("trained")
-        version = doc.get("model_version")
-        return cls((int(trained[0]), int(trained[1])) if trained else None, version)
+        return cls(
+            (int(trained[0]), int(trained[1])) if trained else None,
+            doc.get("model_version"),
+            unpack_params(doc["residual"]) if doc.get("residual") else {},
+        )

@@ -91,7 +91,9 @@ def test_residual_survives_packing_bit_exact() -> None:
     assert all(np.array_equal(back[n], residual[n]) and back[n].dtype == np.float32 for n in back)
 
 
-def test_progress_round_trips_and_starts_empty() -> None:
+def test_progress_round_trips_with_its_residual_and_starts_empty() -> None:
     assert Progress.load(None) == Progress()
-    progress = Progress(trained=(4, 2), model_version=3)
-    assert Progress.load(progress.dump()) == progress
+    residual = _delta(4)
+    back = Progress.load(Progress(trained=(4, 2), model_version=3, residual=residual).dump())
+    assert (back.trained, back.model_version) == ((4, 2), 3)
+    assert all(np.array_equal(back.residual[n], residual[n]) for n in residual)
