@@ -1,11 +1,13 @@
 """Start an MQTT broker for local runs and tests: Mosquitto, or the embedded one.
 
 Mosquitto runs with the repository's ``mosquitto.conf`` plus a loopback
-listener on a free port. This module never talks MQTT itself.
+listener on a free port; where it is absent, amqtt runs in a subprocess
+instead. This module never talks MQTT itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -13,7 +15,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -146,17 +150,23 @@ def start_mosquitto(
 
 
 def _wait_alive(
-    proc: subprocess.Popen[bytes], host: str, port: int, timeout_s: float, logpath: Path
+    proc: subprocess.Popen[bytes],
+    host: str,
+    port: int,
+    timeout_s: float,
+    logpath: Path,
+    *,
+    name: str = "mosquitto",
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = logpath.read_text(errors="replace")[-500:] if logpath.exists() else ""
-            raise BrokerError(f"mosquitto exited with code {proc.returncode}: {tail.strip()}")
+            raise BrokerError(f"{name} exited with code {proc.returncode}: {tail.strip()}")
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
             return
         time.sleep(0.05)
-    raise BrokerError(f"mosquitto did not accept connections on {host}:{port} in {timeout_s}s")
+    raise BrokerError(f"{name} did not accept connections on {host}:{port} in {timeout_s}s")
 
 
 @contextlib.contextmanager
@@ -169,10 +179,175 @@ def mosquitto(**kwargs: object) -> Iterator[RunningBroker]:
 
 
 def env_without_mosquitto() -> dict[str, str]:
-    """An environment whose PATH hides ``mosquitto`` (to exercise the embedded broker)."""
+    """An environment whose PATH hides ``mosquitto`` (to exercise the embedded broker).
+
+    Every PATH entry holding one is dropped: ``/sbin`` is often a link to ``/usr/sbin``.
+    """
     env = dict(os.environ)
-    found = mosquitto_path()
-    if found:
-        hidden = str(Path(found).parent)
-        env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != hidden)
+    entries = env.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join(
+        p for p in entries if not shutil.which("mosquitto", path=p or os.curdir)
+    )
     return env
+
+
+# ------------------------------------------------------------ embedded broker
+
+EMBEDDED_NOTE = "the embedded amqtt broker (MQTT 3.1.1 only)"
+
+
+def embedded_config(host: str, port: int) -> dict[str, object]:
+    """amqtt settings: one TCP listener, anonymous clients, no $SYS or packet logging."""
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}},
+        "timeout_disconnect_delay": 0,
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+
+def serve_embedded(host: str, port: int, parent_pid: int | None = None) -> None:
+    """Run amqtt on ``host:port`` until SIGTERM/SIGINT, or until ``parent_pid`` is gone.
+
+    The entry point of the broker subprocess that ``start_embedded`` launches.
+    """
+    import asyncio
+
+    logging.basicConfig(level=logging.WARNING, format="amqtt: %(levelname)s %(message)s")
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    async def serve() -> None:
+        from amqtt.broker import Broker
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        broker = Broker(embedded_config(host, port))
+        await broker.start()
+        try:
+            while not stop.is_set():
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    break  # our parent died without stopping us: do not outlive it
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(broker.shutdown(), 5.0)
+
+    asyncio.run(serve())
+
+
+def start_embedded(
+    host: str = "127.0.0.1", port: int | None = None, *, timeout_s: float = 20.0
+) -> RunningBroker:
+    """Start the pure-Python amqtt broker in a subprocess on ``host:port`` (a free port if None).
+
+    A subprocess rather than a thread: the broker gets its own interpreter and
+    core, and a simulation's event loop never waits on it. It stops when this
+    process does, even if this process is killed.
+    """
+    try:
+        import amqtt  # noqa: F401
+    except ImportError:
+        raise BrokerError(
+            "neither mosquitto nor amqtt is installed; "
+            f"{INSTALL_HINT}, or: pip install 'edgefl[sim]'"
+        ) from None
+    port = port or free_port(host)
+    workdir = Path(tempfile.mkdtemp(prefix="edgefl-amqtt-"))
+    logpath = workdir / "amqtt.log"
+    code = (
+        "import edgefl.broker as b; "
+        f"b.serve_embedded({host!r}, {int(port)}, parent_pid={os.getpid()})"
+    )
+    with logpath.open("wb") as logfile:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C reaches us, and we stop it
+        )
+    broker = RunningBroker(host, port, "amqtt", proc, workdir)
+    try:
+        _wait_alive(proc, host, port, timeout_s, logpath, name="amqtt")
+    except BaseException:
+        broker.stop()
+        raise
+    log.debug("amqtt pid %d on %s:%d", proc.pid, host, port)
+    return broker
+
+
+def start_broker(
+    prefer: str = "mosquitto", *, host: str = "127.0.0.1", port: int | None = None
+) -> RunningBroker:
+    """Mosquitto where its binary exists (and is preferred), else the embedded broker.
+
+    Falling back is said in one warning line: amqtt is slower and speaks 3.1.1 only.
+    """
+    if prefer not in ("mosquitto", "embedded"):
+        raise ValueError(f"prefer must be 'mosquitto' or 'embedded', got {prefer!r}")
+    if prefer == "mosquitto" and mosquitto_path() is not None:
+        return start_mosquitto(host=host, port=port)
+    broker = start_embedded(host, port)
+    if prefer == "mosquitto":
+        log.warning("mosquitto not found; using %s on %s", EMBEDDED_NOTE, broker.url)
+    return broker
+
+
+# -------------------------------------------------------------- edgefl broker
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=1883, help="port to listen on (0: a free one)")
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="run the embedded amqtt broker even where mosquitto is installed",
+    )
+    parser.add_argument(
+        "--mosquitto-config",
+        metavar="FILE",
+        help="mosquitto config to use instead of the repository's mosquitto.conf",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run a broker in the foreground until Ctrl-C or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not 0 <= args.port < 65536:
+        print(f"edgefl broker: error: port {args.port} is outside 0..65535", file=sys.stderr)
+        return 2
+    port = args.port or None
+    try:
+        if args.mosquitto_config is not None and not args.embedded:
+            conf = Path(args.mosquitto_config)
+            if not conf.is_file():
+                print(f"edgefl broker: error: {conf} does not exist", file=sys.stderr)
+                return 2
+            running = start_mosquitto(host=args.host, port=port, config=conf.read_text())
+        else:
+            prefer = "embedded" if args.embedded else "mosquitto"
+            running = start_broker(prefer, host=args.host, port=port)
+    except BrokerError as exc:
+        print(f"edgefl broker: error: {exc}", file=sys.stderr)
+        return 1
+    stopped = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        stopped.set()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"{running.kind} listening on {running.url} (Ctrl-C stops it)", flush=True)
+        while not stopped.is_set() and running.process is not None:
+            if running.process.poll() is not None:
+                print(f"{running.kind} exited with code {running.process.returncode}")
+                return 1
+            stopped.wait(0.5)
+    finally:
+        running.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
