@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import socket
 import sqlite3
@@ -175,6 +176,18 @@ def device_process(url: str, state_dir: Path, log: Path) -> Iterator[subprocess.
             proc.wait(10)
 
 
+def undocumented(record: dict[str, Any]) -> set[str]:
+    """Fields of a metrics record missing from the device metrics table of the README fragment."""
+    text = (Path(__file__).resolve().parents[2] / "docs_fragments" / "device.md").read_text()
+    section = text.split("### Device metrics", 1)[1].split("\n### ", 1)[0]
+    names = re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+    known = [
+        re.compile(re.escape(n).replace(re.escape("<reason>"), "[a-z_]+") + "$") for n in names
+    ]
+    envelope = {"schema", "role", "id", "ts"}
+    return {k for k in record if k not in envelope and not any(p.match(k) for p in known)}
+
+
 def loss_on(task: Task, params: Params, shard: int = 0) -> float:
     result = task.evaluate(params, task.device_data(shard, SHARDS))
     assert result is not None
@@ -215,6 +228,8 @@ async def test_agent_trains_its_shard_and_the_update_lowers_the_loss(
     assert record["compression"] > 3.5
     assert record["samples"] == n and record["seq"] == 0 and record["buffered"] == 0
     assert record["train_ms"] > 0 and record["quantize_ms"] >= 0 and record["encode_ms"] >= 0
+    assert record["task_ms"] >= record["train_ms"] and record["uploaded"] == 1
+    assert undocumented(record) == set()
     statuses = [s for s in gw.statuses if s.id == DEV]
     assert any(s.online and s.model_version == 3 and s.eligible for s in statuses)
     assert not statuses[-1].online  # the goodbye of a clean stop
@@ -253,6 +268,7 @@ async def test_low_battery_declines_until_the_device_is_plugged_in(
     assert [u.round for u in gw.updates] == [2]
     declined = [m for m in gw.metrics if m.get("event") == "declined"]
     assert [(m["round"], m["reason"]) for m in declined] == [(1, "battery_low"), (2, "battery_low")]
+    assert declined[-1]["declined_battery_low"] == 2 and undocumented(declined[-1]) == set()
 
 
 async def test_update_trained_offline_survives_a_reboot_and_arrives_once(
