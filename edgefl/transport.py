@@ -69,6 +69,16 @@ def chunk_source(topic: str) -> str:
     return head if sep and tail.isdigit() else topic
 
 
+def _handoff(deliver: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """A queue class for aiomqtt that hands each message to ``deliver`` instead of storing it."""
+
+    class Handoff(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            deliver(item)
+
+    return Handoff
+
+
 def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     if settings.ca_file is None:
         return None
@@ -134,6 +144,8 @@ class Transport:
         self.bytes_out = 0
         self.bytes_in = 0
         self.messages_out = 0
+        #: messages dropped because a bounded inbox (``queue_size``) was full
+        self.dropped = 0
 
     # --------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Transport:
@@ -177,6 +189,7 @@ class Transport:
             protocol=protocol,
             will=will,
             **self._session_options(),
+            queue_type=_handoff(self._deliver),
             keepalive=s.keepalive_s,
             timeout=max(10.0, s.publish_timeout_s),
             max_inflight_messages=s.max_inflight,
@@ -201,6 +214,9 @@ class Transport:
                 async with self._make_client() as client:
                     self._client = client
                     _no_delay(client)
+                    # Messages reach _deliver from paho's callback from here on, even
+                    # while we await the SUBACKs (a resumed persistent session sends its
+                    # queued messages first).
                     for topic, qos in list(self._subscriptions.items()):
                         await client.subscribe(topic, qos)
                     self.connects += 1
@@ -212,8 +228,7 @@ class Transport:
                     delay = self.settings.reconnect_min_s
                     if self._on_connect is not None:
                         await self._on_connect()
-                    async for msg in client.messages:
-                        await self._deliver(msg)
+                    await self._until_disconnected(client)
             except aiomqtt.MqttError as exc:
                 self._connected.clear()
                 self._client = None
@@ -235,7 +250,20 @@ class Transport:
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, self.settings.reconnect_max_s)
 
-    async def _deliver(self, msg: aiomqtt.Message) -> None:
+    @staticmethod
+    async def _until_disconnected(client: aiomqtt.Client) -> None:
+        """Return (raising ``MqttError``) when the connection is lost.
+
+        No message reaches this iterator: the hand-off queue gives each one to
+        ``_deliver`` as paho parses it. aiomqtt's iterator spends a task and several
+        loop turns per message while paho reads one per turn, so on a busy
+        subscription its queue grew by most of what arrived (memory in proportion
+        to the backlog instead of to one message).
+        """
+        async for _ in client.messages:
+            pass
+
+    def _deliver(self, msg: aiomqtt.Message) -> None:
         payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
         topic = msg.topic.value
         self.bytes_in += len(payload)
@@ -252,9 +280,16 @@ class Transport:
                     self.reassembler.expired = 0
             if whole is None:
                 return
-            await self._inbox.put(Message(chunk_source(topic), whole, bool(msg.retain)))
+            self._enqueue(Message(chunk_source(topic), whole, bool(msg.retain)))
             return
-        await self._inbox.put(Message(topic, bytes(payload), bool(msg.retain)))
+        self._enqueue(Message(topic, bytes(payload), bool(msg.retain)))
+
+    def _enqueue(self, message: Message) -> None:
+        try:
+            self._inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.warning("%s: inbox full; message on %s dropped", self.client_id, message.topic)
 
     # ------------------------------------------------------------ subscribing
     async def subscribe(self, topic: str, qos: int = 1) -> None:
