@@ -97,7 +97,7 @@ def test_quantized_values_that_overflow_float32_are_nonfinite() -> None:
     st.lists(st.floats(-100, 100, width=32), min_size=1, max_size=64),
     st.booleans(),
 )
-def test_norm_from_the_histogram_equals_the_dequantized_norm(
+def test_update_norm_matches_the_norm_of_the_dequantized_delta(
     values: list[float], f32: bool
 ) -> None:
     delta = {"v": np.array(values, np.float32)}
