@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from edgefl import quant, wire
 from edgefl.broker import RunningBroker, start_mosquitto
@@ -540,12 +541,13 @@ async def test_an_unacknowledged_update_stays_buffered_and_the_agent_keeps_runni
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU visible to torch: fp16 mixed precision needs one",
+)
 async def test_cuda_fp16_training_sends_an_update_that_lowers_the_loss(
     broker: RunningBroker, tmp_path: Path, task: Task
 ) -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible to torch: fp16 mixed precision needs one")
     params = task.init_params(0)
     settings = device_settings(broker.url, tmp_path, compute="cuda", precision="fp16")
     async with Gateway(broker.url).running() as gw, serving(DeviceAgent(settings, task)):
