@@ -130,7 +130,7 @@ async def drain_gateway(broker: str, gateway: str, updates: int, state: str) -> 
         node._on_update = timed  # type: ignore[method-assign]
         await asyncio.wait_for(node.run(), 600)
         folded = node.aggregations and node.last_metrics.get("updates")
-        rejected = sum(node.rejected.values())
+        rejected = sum(node.rejected.counts.values())
     return {
         "rate": (len(times) - 1) / (times[-1] - times[0]),
         "folded": folded,

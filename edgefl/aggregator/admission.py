@@ -7,15 +7,22 @@ the per-sender last seq it keeps; it never folds, logs or touches the network.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import AggregatorSettings
 from ..fedavg import StalenessKind, staleness_weight
 from ..params import Spec
 from ..wire import QTensor, Reason, Update, UpdateRejected, decode_update, verify
+
+log = logging.getLogger("edgefl.aggregator")
+#: (sender, reason) pairs remembered for log-once; beyond this, rejections are only counted.
+MAX_LOGGED = 10_000
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -98,6 +105,21 @@ class UpdateGate:
         self.allowed = allowed or None
         self.last_seq: dict[str, int] = dict(last_seq or {})
 
+    @classmethod
+    def from_settings(cls, settings: AggregatorSettings, spec: Spec) -> UpdateGate:
+        return cls(
+            spec,
+            max_bytes=settings.max_update_bytes,
+            max_staleness=settings.max_staleness,
+            staleness=settings.staleness,
+            staleness_a=settings.staleness_a,
+            staleness_b=settings.staleness_b,
+            keys={child: bytes.fromhex(k) for child, k in settings.keys.items()},
+            require_signature=settings.require_signature,
+            max_norm=settings.max_update_norm,
+            allowed=frozenset(settings.children) or None,
+        )
+
     def admit(
         self,
         payload: bytes,
@@ -138,3 +160,26 @@ class UpdateGate:
             verify(update, key)
         elif self.require_signature:
             raise UpdateRejected(Reason.BAD_SIGNATURE, "no key for this sender")
+
+
+class Rejections:
+    """Rejected updates counted by reason, each (sender, reason) logged once at WARNING."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.counts: Counter[Reason] = Counter()
+        self._logged: set[tuple[str, Reason]] = set()
+
+    def add(self, sender: str, exc: UpdateRejected) -> None:
+        self.counts[exc.reason] += 1
+        key = (sender[:64], exc.reason)
+        if key in self._logged or len(self._logged) >= MAX_LOGGED:
+            return
+        self._logged.add(key)
+        log.warning(
+            "%s: update from %r rejected (%s): %s; further ones are only counted",
+            self.node,
+            key[0],
+            exc.reason.value,
+            exc.detail,
+        )

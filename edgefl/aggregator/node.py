@@ -10,16 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointStore, NodeState
 from ..config import AggregatorSettings, ConfigError
-from ..outbox import Outbox
 from ..params import Params, num_parameters, spec_of
 from ..tasks import Task, load_task
 from ..telemetry import Telemetry, last_will
@@ -34,14 +31,14 @@ from ..wire import (
     decode_model,
     decode_status,
     encode_model,
-    encode_update,
     model_params,
     model_tensors,
-    sign,
 )
-from .admission import UpdateGate
-from .rounds import CloseReason, Round, apply_delta, make_aggregate, quorum_target
-from .selection import Children, policy_of, select
+from .admission import Rejections, UpdateGate
+from .parent import ParentLink, PendingSync
+from .report import evaluation_fields, round_fields, round_story
+from .rounds import CloseReason, Round, apply_delta, make_aggregate
+from .selection import Children, select
 from .uplink import Uplink
 
 log = logging.getLogger("edgefl.aggregator")
@@ -50,8 +47,6 @@ log = logging.getLogger("edgefl.aggregator")
 #: before the first round is announced.
 STARTUP_GRACE_S = 0.5
 GOODBYE_TIMEOUT_S = 2.0
-#: (sender, reason) pairs remembered for log-once; beyond this, rejections are only counted.
-MAX_LOGGED = 10_000
 _LOST = (NotConnected, PublishTimeout)
 
 
@@ -89,36 +84,12 @@ class Aggregator:
         self.aggregations = 0
         self.last_selected: dict[str, int] = {}
         nparams = num_parameters(self.params)
-        width = 1 if settings.update_dtype == "u8" else 4
-        self.children = Children(
-            policy_of(settings.policy),
-            expected_bytes=nparams * width,
-            deadline_s=settings.train.deadline_s,
-            min_uplink_kbps=settings.policy.min_uplink_kbps,
-        )
-        keys = {child: bytes.fromhex(k) for child, k in settings.keys.items()}
-        self.gate = UpdateGate(
-            self.spec,
-            max_bytes=settings.max_update_bytes,
-            max_staleness=settings.max_staleness,
-            staleness=settings.staleness,
-            staleness_a=settings.staleness_a,
-            staleness_b=settings.staleness_b,
-            keys=keys,
-            require_signature=settings.require_signature,
-            max_norm=settings.max_update_norm,
-            allowed=frozenset(settings.children) or None,
-        )
-        self._hmac_key = bytes.fromhex(settings.hmac_key) if settings.hmac_key else None
-        self.uplink: Uplink | None = None
-        if self.parent is not None:
-            self.uplink = Uplink(reference=dict(self.params), parent_version=0)
+        self.children = Children.from_settings(settings, nparams)
+        self.gate = UpdateGate.from_settings(settings, self.spec)
+        self.rejected = Rejections(self.id)
         self.round = self._next_round(0)
-        self.rejected: Counter[Reason] = Counter()
-        self._logged: set[tuple[str, Reason]] = set()
         self.state_dir = Path(settings.state_dir) / self.id
         self.store: CheckpointStore | None = None
-        self.outbox: Outbox | None = None
         self._payload_limit = max(settings.max_update_bytes, 4 * nparams + (1 << 20))
         self.transport = Transport(
             settings.mqtt,
@@ -129,6 +100,18 @@ class Aggregator:
             # Updates sent while the node restarts wait at the broker, not in the void.
             persistent=True,
         )
+        self.link: ParentLink | None = None
+        if self.parent is not None:
+            self.link = ParentLink(
+                node=self.id,
+                parent=self.parent,
+                topics=self.topics,
+                transport=self.transport,
+                uplink=Uplink(reference=dict(self.params), parent_version=0),
+                hmac_key=bytes.fromhex(settings.hmac_key) if settings.hmac_key else None,
+                dtype=settings.update_dtype,
+                retry_s=settings.mqtt.reconnect_min_s,
+            )
         self.telemetry = Telemetry(
             self.transport,
             self.topics,
@@ -142,10 +125,8 @@ class Aggregator:
         self._status_prefix = self.topics.statuses_of(self.id)[:-1]
         self._parent_topic = self.topics.model(self.parent) if self.parent else None
         self._parent_model: tuple[int, Params] | None = None
-        self._restored_sync: dict[str, Any] | None = None
+        self._restored_sync: PendingSync | None = None
         self._wake = asyncio.Event()
-        self._uplink_due = asyncio.Event()
-        self._uplink_idle = asyncio.Event()
         self._announce_due = False
         self._status_due = True
         self._wait_until = 0.0
@@ -157,9 +138,8 @@ class Aggregator:
         if s.checkpoint:
             self.store = CheckpointStore(self.state_dir)
             self._restore(self.store.load())
-        if self.parent is not None:
-            self.outbox = Outbox(self.state_dir / "uplink.sqlite")
-            self._requeue_pending_sync()
+        if self.link is not None:
+            self.link.open(self.state_dir / "uplink.sqlite", self._restored_sync)
         for topic in (self.topics.updates_of(self.id), self.topics.statuses_of(self.id)):
             await self.transport.subscribe(topic)
         if self.parent is not None:
@@ -186,14 +166,14 @@ class Aggregator:
                     await asyncio.wait_for(self.telemetry.offline(), GOODBYE_TIMEOUT_S)
         finally:
             await self.transport.close()
-            if self.outbox is not None:
-                self.outbox.close()
+            if self.link is not None:
+                self.link.close()
 
     async def run(self) -> None:
         """Serve rounds until ``settings.rounds`` aggregations are done (0: until cancelled)."""
         workers = [self._receive(), self._drive()]
-        if self.outbox is not None:
-            workers.append(self._flush_uplink())
+        if self.link is not None:
+            workers.append(self.link.flush())
         await _until_first_returns(workers)
 
     # ---------------------------------------------------------------- receiving
@@ -218,35 +198,14 @@ class Aggregator:
                 raise UpdateRejected(Reason.UNKNOWN_SENDER, "not an id")
             ok = self.gate.admit(payload, sender, self.version, self.children.__contains__)
         except UpdateRejected as exc:
-            self._reject(sender, exc)
+            self.rejected.add(sender, exc)
             return
         update = ok.update
         rnd.fold(sender, update.tensors, update.n, ok.weight, ok.staleness)
         rnd.bytes_in += len(payload)
         rnd.fold_s += time.perf_counter() - started
-        if rnd.announced and self._may_close(rnd):
+        if rnd.may_close(self.children.online_eligible, self.children.online):
             self._wake.set()
-
-    def _may_close(self, rnd: Round) -> bool:
-        """Cheap necessary condition for ``Round.ready`` (its full check is O(children))."""
-        s = self.settings
-        pool = len(rnd.pool(self.children.online_eligible, self.children.online))
-        target = quorum_target(s.min_updates, s.quorum, pool)
-        return rnd.participants >= (min(pool, target) if pool else target)
-
-    def _reject(self, sender: str, exc: UpdateRejected) -> None:
-        self.rejected[exc.reason] += 1
-        key = (sender[:64], exc.reason)
-        if key in self._logged or len(self._logged) >= MAX_LOGGED:
-            return
-        self._logged.add(key)
-        log.warning(
-            "%s: update from %r rejected (%s): %s; further ones are only counted",
-            self.id,
-            sender[:64],
-            exc.reason.value,
-            exc.detail,
-        )
 
     def _on_status(self, child: str, payload: bytes) -> None:
         if not ID_RE.match(child):
@@ -266,7 +225,7 @@ class Aggregator:
             self._wake.set()
 
     def _on_parent_model(self, payload: bytes) -> None:
-        if not payload or self.uplink is None:
+        if not payload or self.link is None:
             return
         try:
             model = decode_model(payload, max_bytes=self._payload_limit)
@@ -274,16 +233,17 @@ class Aggregator:
             if spec_of(params) != self.spec:
                 raise UpdateRejected(Reason.SHAPE, "parent model does not match the task")
         except UpdateRejected as exc:
-            self._reject(self.parent or "parent", exc)
+            self.rejected.add(self.parent or "parent", exc)
             return
-        if model.version != self.uplink.parent_version:
+        if model.version != self.link.uplink.parent_version:
             self._parent_model = (model.version, params)
             self._wake.set()
 
     async def _on_connect(self) -> None:
         self._status_due = True
         self._announce_due = self.round.announced
-        self._uplink_due.set()
+        if self.link is not None:
+            self.link.wake()
         self._wake.set()
 
     # ------------------------------------------------------------------ rounds
@@ -294,7 +254,8 @@ class Aggregator:
             await self._announce()
         while not (self.settings.rounds and self.aggregations >= self.settings.rounds):
             await self._step()
-        await self._drain_uplink()
+        if self.link is not None:  # the last sync should reach the parent before we stop
+            await _wait(self.link.idle, self.settings.mqtt.publish_timeout_s)
 
     async def _step(self) -> None:
         """One pass of the driver: whatever is due now, then sleep until something is."""
@@ -304,13 +265,7 @@ class Aggregator:
         if await self._adopt_parent():
             return
         if rnd.announced:
-            reason = rnd.ready(
-                now,
-                min_updates=self.settings.min_updates,
-                quorum=self.settings.quorum,
-                online_eligible=self.children.online_eligible,
-                online=self.children.online,
-            )
+            reason = rnd.ready(now, self.children.online_eligible, self.children.online)
             if reason is not None:
                 await self._close(reason)
                 return
@@ -330,7 +285,9 @@ class Aggregator:
         await _wait(self._wake, max(0.0, wake_at - self.clock()) + 0.01)
 
     def _next_round(self, number: int) -> Round:
-        return Round(number, self.version, make_aggregate(self.settings.rule, self.settings.trim))
+        s = self.settings
+        aggregate = make_aggregate(s.rule, s.trim)
+        return Round(number, self.version, aggregate, s.min_updates, s.quorum)
 
     async def _announce(self, *, again: bool = False) -> None:
         """Open (or re-open, after a deadline with no update) the current round."""
@@ -384,8 +341,12 @@ class Aggregator:
             log.debug("%s: model v%d not published yet: %s", self.id, self.version, exc)
 
     async def _close(self, reason: CloseReason) -> None:
-        """Average, apply, checkpoint, sync, announce the next round, then report."""
-        rnd, s = self.round, self.settings
+        """Average, apply, checkpoint, sync, announce the next round, then report.
+
+        The checkpoint lands before the new version is published, so children never
+        see a version the node could forget in a crash.
+        """
+        rnd, s, link = self.round, self.settings, self.link
         started = time.perf_counter()
         self.params = apply_delta(self.params, rnd.average())
         agg_ms = (time.perf_counter() - started) * 1e3
@@ -393,16 +354,15 @@ class Aggregator:
         self.version += 1
         self.aggregations += 1
         self.round = self._next_round(rnd.number + 1)
-        last_seq = dict(self.gate.last_seq)
-        pending_sync = None
-        if self.uplink is not None:
-            self.uplink.after_round(rnd.samples)
-            if self.uplink.due(s.sync_every):
-                pending_sync = await self._build_sync(rnd.number)
-        await self._checkpoint(last_seq, pending_sync)
-        if pending_sync is not None and self.outbox is not None:
-            await asyncio.to_thread(self.outbox.put, pending_sync["topic"], pending_sync["payload"])
-            self._uplink_due.set()
+        last_seq = dict(self.gate.last_seq)  # the closed round's senders, not the next one's
+        sync: PendingSync | None = None
+        if link is not None:
+            link.uplink.after_round(rnd.samples)
+            if link.uplink.due(s.sync_every):
+                sync = await link.build(self.params, rnd.number)
+        await self._checkpoint(last_seq, sync)
+        if link is not None and sync is not None:
+            await link.store(sync)
             # Wait a little for the parent's next version, so the next local round starts
             # from it; a slow or unreachable parent costs at most one local deadline.
             self._wait_until = self.clock() + s.train.deadline_s
@@ -416,39 +376,21 @@ class Aggregator:
             "close": reason,
             "agg_ms": round(agg_ms, 3),
             "round_ms": round((closed_at - rnd.opened_at) * 1e3, 1),
-            "synced": pending_sync is not None,
-            "sync_seq": pending_sync["seq"] if pending_sync else None,
+            "synced": sync is not None,
+            "sync_seq": sync["seq"] if sync else None,
             **evaluation,
         }
         await self._metrics(fields)
-        self._log_round(rnd, fields)
-
-    async def _build_sync(self, round_number: int) -> dict[str, Any]:
-        assert self.uplink is not None and self.outbox is not None and self.parent is not None
-        seq = await asyncio.to_thread(self.outbox.next_seq, self.id)
-        update = self.uplink.build(
-            self.params,
-            sender=self.id,
-            seq=seq,
-            round=round_number,
-            dtype=self.settings.update_dtype,
-        )
-        if self._hmac_key is not None:
-            update = sign(update, self._hmac_key)
-        self.uplink.sent(self.params)
-        return {
-            "seq": seq,
-            "topic": self.topics.update(self.parent, self.id),
-            "payload": encode_update(update),
-        }
+        log.info("%s", round_story(self.id, rnd, fields, self.version))
 
     async def _adopt_parent(self) -> bool:
         """Take the parent's newer model, if one arrived; True if a round was (re)opened."""
         pending, self._parent_model = self._parent_model, None
-        if pending is None or self.uplink is None or pending[0] == self.uplink.parent_version:
+        link = self.link
+        if pending is None or link is None or pending[0] == link.uplink.parent_version:
             return False
-        previous = self.uplink.parent_version
-        self.params = self.uplink.adopt(pending[1], self.params, pending[0])
+        previous = link.uplink.parent_version
+        self.params = link.uplink.adopt(pending[1], self.params, pending[0])
         self.version += 1
         log.info(
             "%s: adopted %s v%d (had v%d): now v%d",
@@ -484,9 +426,9 @@ class Aggregator:
         self.aggregations = int(extra.get("aggregations", 0))
         self.last_selected = {str(k): int(v) for k, v in extra.get("last_selected", {}).items()}
         self.children.remember(str(c) for c in extra.get("children", []))
-        if self.parent is not None and "uplink" in extra:
-            self.uplink = Uplink.from_extra(extra["uplink"], state.parent_version or 0)
-        self._restored_sync = extra.get("sync")
+        if self.link is not None and "uplink" in extra:
+            self.link.uplink = Uplink.from_extra(extra["uplink"], state.parent_version or 0)
+            self._restored_sync = extra.get("sync")
         self.round = self._next_round(state.round)
         log.info(
             "%s: resumed from checkpoint at version %d, round %d",
@@ -495,15 +437,7 @@ class Aggregator:
             state.round,
         )
 
-    def _requeue_pending_sync(self) -> None:
-        """A sync checkpointed but maybe not yet stored in the outbox when we stopped."""
-        pending, self._restored_sync = self._restored_sync, None
-        if pending and self.outbox is not None:
-            # If it was stored (or even delivered) already, the parent drops this copy
-            # as a duplicate seq; if it was not, this is its only copy.
-            self.outbox.put(pending["topic"], pending["payload"])
-
-    async def _checkpoint(self, last_seq: dict[str, int], sync: dict[str, Any] | None) -> None:
+    async def _checkpoint(self, last_seq: dict[str, int], sync: PendingSync | None) -> None:
         if self.store is None:
             return
         extra: dict[str, Any] = {
@@ -511,107 +445,40 @@ class Aggregator:
             "last_selected": dict(self.last_selected),
             "children": sorted(self.children.known),
         }
-        if self.uplink is not None:
-            extra["uplink"] = self.uplink.to_extra()
+        if self.link is not None:
+            extra["uplink"] = self.link.uplink.to_extra()
         if sync is not None:
             extra["sync"] = sync
         state = NodeState(
             params=self.params,
             version=self.version,
             round=self.round.number,
-            parent_version=self.uplink.parent_version if self.uplink else None,
+            parent_version=self._parent_version,
             last_seq=last_seq,
             extra=extra,
         )
         await asyncio.to_thread(self.store.save, state)
 
-    async def _flush_uplink(self) -> None:
-        """Deliver stored sync updates, oldest first; each leaves the outbox after its PUBACK."""
-        assert self.outbox is not None
-        outbox = self.outbox
-        self._uplink_due.set()
-        while True:
-            await self._uplink_due.wait()
-            self._uplink_due.clear()
-            while entries := await asyncio.to_thread(outbox.peek, 8):
-                self._uplink_idle.clear()
-                await self.transport.wait_connected()
-                try:
-                    for entry in entries:
-                        await self.transport.publish(entry.topic, entry.payload)
-                        await asyncio.to_thread(outbox.ack, entry.id)
-                except _LOST as exc:
-                    log.debug("%s: sync not delivered yet: %s", self.id, exc)
-                    await asyncio.sleep(self.settings.mqtt.reconnect_min_s)
-            self._uplink_idle.set()
-
-    async def _drain_uplink(self) -> None:
-        if self.outbox is None:
-            return
-        await _wait(self._uplink_idle, self.settings.mqtt.publish_timeout_s)
-
     # --------------------------------------------------------------- reporting
+    @property
+    def _parent_version(self) -> int | None:
+        return self.link.uplink.parent_version if self.link is not None else None
+
     async def _evaluate(self) -> dict[str, MetricValue]:
         s = self.settings
         if not (s.evaluate if s.evaluate is not None else self.tier == "cloud"):
             return {}
         started = time.perf_counter()
         result = await asyncio.to_thread(self.task.evaluate, self.params)
-        if not result:
-            return {}
-        return {
-            "accuracy": _finite(result.get("accuracy")),
-            "loss": _finite(result.get("loss")),
-            "eval_ms": round((time.perf_counter() - started) * 1e3, 1),
-        }
+        return evaluation_fields(result, (time.perf_counter() - started) * 1e3)
 
     def _round_fields(self, rnd: Round) -> dict[str, MetricValue]:
-        fields: dict[str, MetricValue] = {
-            "round": rnd.number,
-            "version": rnd.version,
-            "aggregations": self.aggregations,
-            "selected": len(rnd.selected),
-            "participants": rnd.participants,
-            "updates": rnd.updates,
-            "samples": rnd.samples,
-            "bytes_in": rnd.bytes_in,
-            "staleness_max": rnd.staleness_max,
-            "staleness_mean": round(rnd.staleness_mean, 3),
-            "fold_ms": round(rnd.fold_s * 1e3, 3),
-            "reannounced": rnd.reannounced,
-            "children_known": len(self.children),
-            "children_online": len(self.children.online),
-            "children_eligible": len(self.children.online_eligible),
-            "parent_version": self.uplink.parent_version if self.uplink else None,
-        }
-        counts = self.rejected + self.transport.rejected
-        for reason in Reason:
-            fields[f"rejected_{reason.value}"] = counts[reason]
-        fields["rejected_total"] = sum(counts.values())
-        return fields
-
-    def _log_round(self, rnd: Round, f: dict[str, MetricValue]) -> None:
-        who = f"{rnd.participants}/{len(rnd.selected)} selected" if rnd.selected else "open round"
-        accuracy = f", accuracy {f['accuracy']:.3f}" if isinstance(f.get("accuracy"), float) else ""
-        sync = f", synced as seq {f['sync_seq']}" if f["synced"] else ""
-        log.info(
-            "%s round %d closed (%s) after %.2f s: v%d -> v%d from %d updates (%s), %d samples, "
-            "%.0f KB, staleness <= %d, agg %.1f ms%s, rejected %d so far%s",
-            self.id,
-            rnd.number,
-            f["close"],
-            float(f["round_ms"] or 0) / 1e3,
-            rnd.version,
-            self.version,
-            rnd.updates,
-            who,
-            rnd.samples,
-            rnd.bytes_in / 1024,
-            rnd.staleness_max,
-            f["agg_ms"],
-            accuracy,
-            f["rejected_total"],
-            sync,
+        return round_fields(
+            rnd,
+            aggregations=self.aggregations,
+            children=self.children,
+            rejected=self.rejected.counts + self.transport.rejected,
+            parent_version=self._parent_version,
         )
 
     async def _metrics(self, fields: dict[str, MetricValue]) -> None:
@@ -623,12 +490,11 @@ class Aggregator:
         if self.parent is None:
             self._status_due = False
             return
-        buffered = len(self.outbox) if self.outbox is not None else 0
         status = Status(
             online=True,
             role=self.tier,
             id=self.id,
-            buffered=buffered,
+            buffered=self.link.buffered if self.link is not None else 0,
             model_version=self.version,
         )
         self._status_due = not await self.telemetry.status(status)
@@ -638,10 +504,6 @@ async def serve_aggregator(settings: AggregatorSettings) -> None:
     """The ``edgefl gateway`` / ``edgefl cloud`` command: serve until cancelled or done."""
     async with Aggregator(settings) as node:
         await node.run()
-
-
-def _finite(value: Any) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:

@@ -53,6 +53,8 @@ class Round:
     number: int
     version: int
     aggregate: Aggregate
+    min_updates: int = 1
+    quorum: float = 1.0
     selected: tuple[str, ...] = ()
     deadline: float = 0.0
     opened_at: float = 0.0
@@ -90,15 +92,7 @@ class Round:
             return {c for c in self.selected if c in online}
         return online_eligible
 
-    def ready(
-        self,
-        now: float,
-        *,
-        min_updates: int,
-        quorum: float,
-        online_eligible: Set[str],
-        online: Set[str],
-    ) -> CloseReason | None:
+    def ready(self, now: float, online_eligible: Set[str], online: Set[str]) -> CloseReason | None:
         """Why the round may close now, or None. Never before the first update.
 
         The quorum is counted in distinct participants over the expected children
@@ -112,11 +106,20 @@ class Round:
         if pool and self.participants >= len(pool) and pool <= self.senders:
             return "all"
         expected = len(pool) + len(self.senders - pool)
-        if self.participants >= quorum_target(min_updates, quorum, expected):
+        if self.participants >= quorum_target(self.min_updates, self.quorum, expected):
             return "quorum"
         if now >= self.deadline:
             return "deadline"
         return None
+
+    def may_close(self, online_eligible: Set[str], online: Set[str]) -> bool:
+        """A necessary condition for ``ready``, O(selected) rather than O(children): the
+        receive path asks it after every update and wakes the driver only when it holds."""
+        if not self.announced:
+            return False
+        pool = len(self.pool(online_eligible, online))
+        target = quorum_target(self.min_updates, self.quorum, pool)
+        return self.participants >= (min(pool, target) if pool else target)
 
     def expired(self, now: float) -> bool:
         """Deadline passed with nothing folded: the round must be re-announced."""

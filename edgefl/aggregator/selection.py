@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping, Set
 
-from ..config import PolicySettings
+from ..config import AggregatorSettings, PolicySettings
 from ..profiles import Decision, EligibilityPolicy
 from ..wire import Status
 
@@ -49,6 +49,18 @@ class Children:
         self._known: set[str] = set()
         self._online: set[str] = set()
         self._eligible: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, settings: AggregatorSettings, parameters: int) -> Children:
+        """Judged like the devices judge themselves: the update they would send by the
+        deadline, at ``parameters`` values of the update dtype's width."""
+        width = 1 if settings.update_dtype == "u8" else 4
+        return cls(
+            policy_of(settings.policy),
+            expected_bytes=parameters * width,
+            deadline_s=settings.train.deadline_s,
+            min_uplink_kbps=settings.policy.min_uplink_kbps,
+        )
 
     def __contains__(self, child: object) -> bool:
         return child in self._known

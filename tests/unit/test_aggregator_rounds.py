@@ -13,8 +13,13 @@ from edgefl.quant import dequantize_params, float_params
 from edgefl.wire import Status
 
 
-def _round(selected: tuple[str, ...] = (), deadline: float = 100.0) -> Round:
-    r = Round(0, 0, make_aggregate("fedavg"), selected=selected, deadline=deadline)
+def _round(
+    selected: tuple[str, ...] = (),
+    deadline: float = 100.0,
+    min_updates: int = 1,
+    quorum: float = 1.0,
+) -> Round:
+    r = Round(0, 0, make_aggregate("fedavg"), min_updates, quorum, selected, deadline)
     r.announced = True
     return r
 
@@ -36,28 +41,26 @@ def test_quorum_target_is_the_larger_of_min_updates_and_the_fraction(
 def test_open_round_closes_when_every_online_eligible_child_answered() -> None:
     r = _round()
     kids = {"a", "b", "c"}
-    kw = {"min_updates": 1, "quorum": 1.0, "online_eligible": kids, "online": kids}
-    assert r.ready(0.0, **kw) is None  # nothing folded yet
+    assert r.ready(0.0, kids, kids) is None  # nothing folded yet
     _fold(r, "a")
     _fold(r, "b")
-    assert r.ready(0.0, **kw) is None
+    assert r.ready(0.0, kids, kids) is None and not r.may_close(kids, kids)
     _fold(r, "c")
-    assert r.ready(0.0, **kw) == "all"
+    assert r.ready(0.0, kids, kids) == "all" and r.may_close(kids, kids)
 
 
 def test_quorum_fraction_closes_early_and_deadline_needs_one_update() -> None:
     kids = {f"d{i}" for i in range(10)}
-    kw = {"min_updates": 2, "quorum": 0.3, "online_eligible": kids, "online": kids}
-    r = _round(deadline=10.0)
-    assert r.ready(11.0, **kw) is None and r.expired(11.0)
+    r = _round(deadline=10.0, min_updates=2, quorum=0.3)
+    assert r.ready(11.0, kids, kids) is None and r.expired(11.0)
     _fold(r, "d0")
-    assert r.ready(5.0, **kw) is None
-    assert r.ready(10.0, **kw) == "deadline"
+    assert r.ready(5.0, kids, kids) is None
+    assert r.ready(10.0, kids, kids) == "deadline"
     _fold(r, "d1")
     _fold(r, "d1")  # a second update from the same child is no second participant
-    assert r.ready(5.0, **kw) is None
+    assert r.ready(5.0, kids, kids) is None
     _fold(r, "d2")
-    assert r.ready(5.0, **kw) == "quorum"
+    assert r.ready(5.0, kids, kids) == "quorum" and r.may_close(kids, kids)
 
 
 def test_selected_child_that_goes_offline_is_not_waited_for() -> None:
@@ -65,18 +68,17 @@ def test_selected_child_that_goes_offline_is_not_waited_for() -> None:
     _fold(r, "a")
     _fold(r, "b")
     online = {"a", "b", "c"}
-    assert r.ready(0.0, min_updates=1, quorum=1.0, online_eligible=online, online=online) is None
+    assert r.ready(0.0, online, online) is None
     online.discard("c")  # its last will arrived
-    assert r.ready(0.0, min_updates=1, quorum=1.0, online_eligible=online, online=online) == "all"
+    assert r.ready(0.0, online, online) == "all"
 
 
 def test_round_with_no_known_child_waits_for_min_updates() -> None:
-    r = _round()
+    r = _round(min_updates=2)
     _fold(r, "x")
-    kw = {"min_updates": 2, "quorum": 1.0, "online_eligible": set(), "online": set()}
-    assert r.ready(0.0, **kw) is None
+    assert r.ready(0.0, set(), set()) is None
     _fold(r, "y")
-    assert r.ready(0.0, **kw) == "quorum"
+    assert r.ready(0.0, set(), set()) == "quorum"
 
 
 def test_round_average_is_sample_weighted_and_applied_as_a_delta() -> None:
