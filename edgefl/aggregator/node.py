@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointStore, NodeState
 from ..config import AggregatorSettings, ConfigError
 from ..params import Params, num_parameters, spec_of
+from ..supervise import first_completed, wait_event
 from ..tasks import Task, load_task
 from ..telemetry import Telemetry, last_will
 from ..topics import ID_RE, Topics
@@ -174,7 +175,7 @@ class Aggregator:
         workers = [self._receive(), self._drive()]
         if self.link is not None:
             workers.append(self.link.flush())
-        await _until_first_returns(workers)
+        await first_completed(*workers)
 
     # ---------------------------------------------------------------- receiving
     async def _receive(self) -> None:
@@ -255,7 +256,7 @@ class Aggregator:
         while not (self.settings.rounds and self.aggregations >= self.settings.rounds):
             await self._step()
         if self.link is not None:  # the last sync should reach the parent before we stop
-            await _wait(self.link.idle, self.settings.mqtt.publish_timeout_s)
+            await wait_event(self.link.idle, self.settings.mqtt.publish_timeout_s)
 
     async def _step(self) -> None:
         """One pass of the driver: whatever is due now, then sleep until something is."""
@@ -282,7 +283,7 @@ class Aggregator:
         wake_at = min(
             self.round.deadline if rnd.announced else self._wait_until, self._heartbeat_at
         )
-        await _wait(self._wake, max(0.0, wake_at - self.clock()) + 0.01)
+        await wait_event(self._wake, max(0.0, wake_at - self.clock()) + 0.01)
 
     def _next_round(self, number: int) -> Round:
         s = self.settings
@@ -504,30 +505,3 @@ async def serve_aggregator(settings: AggregatorSettings) -> None:
     """The ``edgefl gateway`` / ``edgefl cloud`` command: serve until cancelled or done."""
     async with Aggregator(settings) as node:
         await node.run()
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``event`` at most ``timeout`` seconds; True if it is set.
-
-    Not ``asyncio.wait_for``: before Python 3.12 it can swallow a cancellation that
-    arrives just as the event fires, and a node would then never stop.
-    """
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        done, _ = await asyncio.wait({waiter}, timeout=timeout)
-    finally:
-        waiter.cancel()
-    return bool(done)
-
-
-async def _until_first_returns(coros: list[Coroutine[Any, Any, None]]) -> None:
-    """Run ``coros`` as tasks owned here: the first to finish (or fail) stops the others."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

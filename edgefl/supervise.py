@@ -1,0 +1,40 @@
+"""Structured concurrency for the asyncio shells: sibling tasks with one owner, safe waits.
+
+Every task started here is awaited here; nothing is left running. Python 3.10
+has no TaskGroup, and its ``asyncio.wait_for`` can lose a cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+
+async def first_completed(*coros: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coros`` as tasks owned here; when the first returns or fails, cancel and
+    await the others, then re-raise that failure, if any."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set.
+
+    Not ``asyncio.wait_for(event.wait(), timeout)``: before Python 3.12 that can
+    swallow a cancellation arriving just as the event is set, and a loop built on
+    it then never stops.
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
