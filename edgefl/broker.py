@@ -319,35 +319,41 @@ def main(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         print(f"edgefl broker: error: port {args.port} is outside 0..65535", file=sys.stderr)
         return 2
-    port = args.port or None
-    try:
-        if args.mosquitto_config is not None and not args.embedded:
-            conf = Path(args.mosquitto_config)
-            if not conf.is_file():
-                print(f"edgefl broker: error: {conf} does not exist", file=sys.stderr)
-                return 2
-            running = start_mosquitto(host=args.host, port=port, config=conf.read_text())
-        else:
-            prefer = "embedded" if args.embedded else "mosquitto"
-            running = start_broker(prefer, host=args.host, port=port)
-    except BrokerError as exc:
-        print(f"edgefl broker: error: {exc}", file=sys.stderr)
-        return 1
+    conf = Path(args.mosquitto_config) if args.mosquitto_config else None
+    if conf is not None and not conf.is_file():
+        print(f"edgefl broker: error: {conf} does not exist", file=sys.stderr)
+        return 2
     stopped = threading.Event()
 
     def _stop(signum: int, frame: object) -> None:
         stopped.set()
 
+    # Handlers first: a Ctrl-C while the broker starts must still stop it.
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"{running.kind} listening on {running.url} (Ctrl-C stops it)", flush=True)
-        while not stopped.is_set() and running.process is not None:
-            if running.process.poll() is not None:
-                print(f"{running.kind} exited with code {running.process.returncode}")
-                return 1
-            stopped.wait(0.5)
+        try:
+            running = _start_for_command(args.host, args.port or None, conf, args.embedded)
+        except BrokerError as exc:
+            print(f"edgefl broker: error: {exc}", file=sys.stderr)
+            return 1
+        try:
+            print(f"{running.kind} listening on {running.url} (Ctrl-C stops it)", flush=True)
+            while not stopped.is_set() and running.process is not None:
+                if running.process.poll() is not None:
+                    print(f"{running.kind} exited with code {running.process.returncode}")
+                    return 1
+                stopped.wait(0.5)
+        finally:
+            running.stop()
     finally:
-        running.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _start_for_command(
+    host: str, port: int | None, conf: Path | None, embedded: bool
+) -> RunningBroker:
+    if conf is not None and not embedded:
+        return start_mosquitto(host=host, port=port, config=conf.read_text())
+    return start_broker("embedded" if embedded else "mosquitto", host=host, port=port)

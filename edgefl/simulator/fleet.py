@@ -97,16 +97,16 @@ def run_simulation(
     from ..tasks import load_task, set_torch_threads
 
     started = time.time()
-    # Loaded before the workers fork: they inherit torch, the task and its data.
-    set_torch_threads(1)
-    try:
-        task = load_task(scenario.task.name, **scenario.task.task_options(scenario.seed))
-    except (ValueError, TypeError) as exc:
-        raise SimulationError(f"task {scenario.task.name!r}: {exc}".splitlines()[0]) from None
     plans = scenario.devices()
-    if start_method() == "fork":
-        warm_up(task, scenario.seed, plans[0].shard, plans[0].num_shards)
     with _broker(broker) as (url, broker_kind), _state_dir() as state_dir:
+        # Loaded before the workers fork: they inherit torch, the task and its data.
+        set_torch_threads(1)
+        try:
+            task = load_task(scenario.task.name, **scenario.task.task_options(scenario.seed))
+        except (ValueError, TypeError) as exc:
+            raise SimulationError(f"task {scenario.task.name!r}: {exc}".splitlines()[0]) from None
+        if start_method() == "fork":
+            warm_up(task, scenario.seed, plans[0].shard, plans[0].num_shards)
         workers = scenario.workers or default_workers()
         specs = [
             WorkerSpec(

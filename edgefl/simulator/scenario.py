@@ -313,15 +313,21 @@ def repo_scenarios() -> Path:
     return Path(__file__).resolve().parents[2] / "simulators"
 
 
-def resolve(path: str | os.PathLike[str] | None) -> Path | None:
-    """The scenario file to load: as given, else under ``simulators/``; None for the default.
+#: A copy of simulators/default.toml shipped in the wheel (a test keeps them equal).
+PACKAGED_DEFAULT = Path(__file__).resolve().parent.parent / "data" / "simulator-default.toml"
 
-    ``None`` falls back to the built-in defaults when the package is installed
-    without the repository (the defaults are ``simulators/default.toml``).
+
+def resolve(path: str | os.PathLike[str] | None) -> Path | None:
+    """The scenario file to load: as given, else under ``simulators/``.
+
+    ``None`` is ``simulators/default.toml``, or its packaged copy when the
+    package is installed without the repository (else the schema's defaults).
     """
     if path is None:
-        default = repo_scenarios() / "default.toml"
-        return default if default.is_file() else None
+        for default in (repo_scenarios() / "default.toml", PACKAGED_DEFAULT):
+            if default.is_file():
+                return default
+        return None
     given = Path(path)
     if given.is_file():
         return given
@@ -343,7 +349,7 @@ def load_scenario(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             doc = tomllib.loads(found.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{found}: {exc}".splitlines()[0]) from None
-        doc.setdefault("name", found.stem)
+        doc.setdefault("name", "default" if found == PACKAGED_DEFAULT else found.stem)
         _anchor_traces(doc, found.parent)
     for dotted, value in overrides.items():
         _set(doc, dotted, value)

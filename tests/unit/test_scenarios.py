@@ -54,3 +54,11 @@ def test_flaky_scenario_drops_a_third_of_its_devices() -> None:
     plans = scenario.devices()
     flaky = [p for p in plans if scenario.profiles[p.cohort].p_drop.at(0.5) > 0]
     assert len(flaky) == round(len(plans) / 3)
+
+
+def test_the_packaged_default_is_the_repository_default() -> None:
+    from edgefl.simulator.scenario import PACKAGED_DEFAULT
+
+    repo = Path(__file__).resolve().parents[2] / "simulators" / "default.toml"
+    assert PACKAGED_DEFAULT.read_bytes() == repo.read_bytes()
+    assert load_scenario(PACKAGED_DEFAULT).fleet == load_scenario(None).fleet
