@@ -300,7 +300,7 @@ def start_broker(
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=1883, help="port to listen on (0: a free one)")
+    parser.add_argument("--port", default="1883", help="port to listen on (0: a free one)")
     parser.add_argument(
         "--embedded",
         action="store_true",
@@ -316,8 +316,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run a broker in the foreground until Ctrl-C or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not 0 <= args.port < 65536:
-        print(f"edgefl broker: error: port {args.port} is outside 0..65535", file=sys.stderr)
+    port = int(args.port) if str(args.port).isdigit() else -1
+    if not 0 <= port < 65536:
+        print(f"edgefl broker: error: --port {args.port!r} is not in 0..65535", file=sys.stderr)
         return 2
     conf = Path(args.mosquitto_config) if args.mosquitto_config else None
     if conf is not None and not conf.is_file():
@@ -332,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            running = _start_for_command(args.host, args.port or None, conf, args.embedded)
+            running = _start_for_command(args.host, port or None, conf, args.embedded)
         except BrokerError as exc:
             print(f"edgefl broker: error: {exc}", file=sys.stderr)
             return 1

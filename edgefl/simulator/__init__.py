@@ -16,6 +16,7 @@ from typing import Any
 
 HOST_PORT = re.compile(r"^[^\s:]+:\d{1,5}$")
 BROKER_CHOICES = ("mosquitto", "embedded")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
 
 
 class SimulationError(RuntimeError):
@@ -58,7 +59,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="plain progress lines instead of a live bar (the default when not a terminal)",
     )
-    parser.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING"))
+    parser.add_argument(
+        "--log-level", default="WARNING", metavar="LEVEL", help="DEBUG, INFO or WARNING"
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,23 +87,27 @@ def default_out(name: str) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     """Load the scenario, run the fleet, print and write the report."""
-    from ..cli import UsageError, setup_logging
+    from ..cli import setup_logging
+    from ..config import ConfigError
     from .scenario import load_scenario
 
     broker = args.broker
     if broker not in BROKER_CHOICES and not HOST_PORT.match(broker):
-        raise UsageError(f"--broker: expected HOST:PORT, 'mosquitto' or 'embedded', got {broker!r}")
+        raise ConfigError(
+            f"--broker: expected HOST:PORT, 'mosquitto' or 'embedded', got {broker!r}"
+        )
+    level = str(args.log_level).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
     scenario = load_scenario(args.scenario, **overrides_from_args(args))
-    setup_logging(args.log_level)
+    setup_logging(level)
     out = Path(args.out) if args.out else default_out(scenario.name)
     plain = bool(args.plain) or not sys.stdout.isatty()
 
     from .fleet import run_simulation
 
     try:
-        result = run_simulation(
-            scenario, broker=broker, out=out, plain=plain, log_level=args.log_level
-        )
+        result = run_simulation(scenario, broker=broker, out=out, plain=plain, log_level=level)
     except SimulationError as exc:
         print(f"edgefl simulate: error: {exc}", file=sys.stderr)
         return 1

@@ -124,7 +124,7 @@ def run_simulation(
         pool = WorkerPool(specs)
         history = History(devices=len(plans), gateways=scenario.fleet.gateways, started=started)
         title = f"{describe(scenario)}; {len(specs)} workers, broker {broker_kind} {url}"
-        progress = Progress(scenario.rounds, plain=plain or quiet, title="" if quiet else title)
+        progress = Progress(scenario.rounds, plain=plain, title=title, quiet=quiet)
         run = _Run(scenario, url, state_dir, history, pool, progress, task)
         try:
             pool.start()

@@ -31,16 +31,17 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
 class Progress:
     """A context manager: ``update(row)`` per cloud round, ``note(text)`` for events."""
 
-    def __init__(self, rounds: int, *, plain: bool, title: str = "") -> None:
+    def __init__(self, rounds: int, *, plain: bool, title: str = "", quiet: bool = False) -> None:
         self.rounds = rounds
-        self.plain = plain
+        self.plain = plain or quiet
+        self.quiet = quiet
         self.title = title
         self._bar: Any = None
         self._task: Any = None
 
     def __enter__(self) -> Progress:
         if self.plain:
-            if self.title:
+            if self.title and not self.quiet:
                 print(self.title, flush=True)
             return self
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -67,7 +68,8 @@ class Progress:
 
     def update(self, row: dict[str, Any]) -> None:
         if self._bar is None:
-            print(round_line(row, self.rounds), flush=True)
+            if not self.quiet:
+                print(round_line(row, self.rounds), flush=True)
             return
         acc = row.get("accuracy")
         detail = (
@@ -77,7 +79,8 @@ class Progress:
 
     def note(self, text: str) -> None:
         if self._bar is None:
-            print(text, flush=True)
+            if not self.quiet:
+                print(text, flush=True)
         else:
             self._bar.update(self._task, detail=text)
 

@@ -104,6 +104,7 @@ def plot_history(rows: Sequence[Mapping[str, Any]], out: Path, title: str = "") 
                 ("bytes_up_device", "device → gateway", 1e-6),
                 ("bytes_up_gateway", "gateway → cloud", 1e-6),
                 ("bytes_down_device", "gateway → devices", 1e-6),
+                ("bytes_down_gateway", "cloud → gateways", 1e-6),
             ],
         ),
         (

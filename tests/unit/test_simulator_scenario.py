@@ -161,6 +161,8 @@ def test_every_node_starts_from_the_same_version_zero() -> None:
         (["simulate", "--devices", "0"], "devices_per_gateway"),
         (["simulate", "--time-scale", "-1"], "time_scale"),
         (["simulate", "--broker", "nowhere"], "--broker"),
+        (["simulate", "--log-level", "loud"], "--log-level"),
+        (["broker", "--port", "x"], "--port"),
         (["simulate", "no/such/file.toml"], "not found"),
     ],
 )
