@@ -131,21 +131,28 @@ def start_mosquitto(
     lines.extend(extra)
     conf = workdir / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
-    logfile = (workdir / "mosquitto.log").open("wb")
-    proc = subprocess.Popen(
-        [binary, "-c", str(conf)],
-        stdout=logfile,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # a Ctrl-C in the terminal reaches us, we stop it
-    )
-    logfile.close()
-    broker = RunningBroker(host, port, "mosquitto", proc, workdir)
+    return _launch([binary, "-c", str(conf)], host, port, "mosquitto", workdir, timeout_s)
+
+
+def _launch(
+    cmd: list[str], host: str, port: int, kind: str, workdir: Path, timeout_s: float
+) -> RunningBroker:
+    """Start a broker process logging to ``workdir`` and wait until it accepts connections."""
+    logpath = workdir / f"{kind}.log"
+    with logpath.open("wb") as logfile:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches us, we stop it
+        )
+    broker = RunningBroker(host, port, kind, proc, workdir)
     try:
-        _wait_alive(proc, host, port, timeout_s, workdir / "mosquitto.log")
+        _wait_alive(proc, host, port, timeout_s, logpath, name=kind)
     except BaseException:
         broker.stop()
         raise
-    log.debug("mosquitto pid %d on %s:%d", proc.pid, host, port)
+    log.debug("%s pid %d on %s:%d", kind, proc.pid, host, port)
     return broker
 
 
@@ -256,26 +263,11 @@ def start_embedded(
         ) from None
     port = port or free_port(host)
     workdir = Path(tempfile.mkdtemp(prefix="edgefl-amqtt-"))
-    logpath = workdir / "amqtt.log"
     code = (
         "import edgefl.broker as b; "
         f"b.serve_embedded({host!r}, {int(port)}, parent_pid={os.getpid()})"
     )
-    with logpath.open("wb") as logfile:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C reaches us, and we stop it
-        )
-    broker = RunningBroker(host, port, "amqtt", proc, workdir)
-    try:
-        _wait_alive(proc, host, port, timeout_s, logpath, name="amqtt")
-    except BaseException:
-        broker.stop()
-        raise
-    log.debug("amqtt pid %d on %s:%d", proc.pid, host, port)
-    return broker
+    return _launch([sys.executable, "-c", code], host, port, "amqtt", workdir, timeout_s)
 
 
 def start_broker(

@@ -116,6 +116,17 @@ def test_guards_keep_adversarial_devices_from_hurting_accuracy(tmp_path: Path) -
     assert s["final_accuracy"] >= 0.91
 
 
+def _spawn(args: list[str]) -> subprocess.Popen[str]:
+    """An edgefl command with its output in one text pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgefl.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -125,13 +136,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 def test_ctrl_c_stops_every_process_and_the_broker(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*SIMULATE, "--rounds", "50", "--plain", "--out", str(out)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _spawn(["simulate", "--rounds", "50", "--plain", "--out", str(out)])
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 90
@@ -163,14 +168,7 @@ def test_edgefl_broker_serves_until_ctrl_c(embedded: bool) -> None:
     import aiomqtt
 
     port = free_port()
-    cmd = [sys.executable, "-m", "edgefl.cli", "broker", "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd + (["--embedded"] if embedded else []),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _spawn(["broker", "--port", str(port), *(["--embedded"] if embedded else [])])
     try:
         assert proc.stdout is not None
         ready = proc.stdout.readline()  # printed once the broker accepts connections
