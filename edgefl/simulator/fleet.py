@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..broker import BrokerError, RunningBroker, start_broker
-from ..config import AggregatorSettings, MqttSettings
+from ..config import AggregatorSettings, ConfigError, MqttSettings
 from ..topics import Topics
 from ..transport import Transport
 from ..wire import Model, UpdateRejected, decode_metrics, encode_model, model_tensors
@@ -92,21 +92,15 @@ def run_simulation(
     """Run ``scenario`` to its last cloud round (or timeout, target, Ctrl-C) and report.
 
     ``broker``: ``mosquitto`` (falling back to the embedded broker), ``embedded``,
-    or the ``HOST:PORT`` of a running broker. Raises ``SimulationError``.
+    or the ``HOST:PORT`` of a running broker. Raises ``SimulationError``, or
+    ``ConfigError`` when the task cannot serve the scenario's fleet.
     """
-    from ..tasks import load_task, set_torch_threads
-
     started = time.time()
     plans = scenario.devices()
+    if broker not in ("mosquitto", "embedded"):
+        _check_reachable(broker)  # before seconds of loading
+    task = _load_task(scenario, plans)
     with _broker(broker) as (url, broker_kind), _state_dir() as state_dir:
-        # Loaded before the workers fork: they inherit torch, the task and its data.
-        set_torch_threads(1)
-        try:
-            task = load_task(scenario.task.name, **scenario.task.task_options(scenario.seed))
-        except (ValueError, TypeError) as exc:
-            raise SimulationError(f"task {scenario.task.name!r}: {exc}".splitlines()[0]) from None
-        if start_method() == "fork":
-            warm_up(task, scenario.seed, plans[0].shard, plans[0].num_shards)
         workers = scenario.workers or default_workers()
         specs = [
             WorkerSpec(
@@ -167,10 +161,26 @@ def run_simulation(
 # ---------------------------------------------------------------- resources
 
 
+def _load_task(scenario: Scenario, plans: list[Any]) -> Any:
+    """The task, loaded (and warmed up) before the workers fork: they inherit it all."""
+    from ..tasks import load_task, set_torch_threads
+
+    set_torch_threads(1)
+    first = plans[0]
+    try:
+        task = load_task(scenario.task.name, **scenario.task.task_options(scenario.seed))
+        task.device_data(first.shard, first.num_shards)  # can the data be split so?
+    except (ValueError, TypeError) as exc:
+        message = f"task {scenario.task.name!r} for {len(plans)} devices: {exc}"
+        raise ConfigError(message.splitlines()[0]) from None
+    if start_method() == "fork":
+        warm_up(task, scenario.seed, first.shard, first.num_shards)
+    return task
+
+
 @contextlib.contextmanager
 def _broker(choice: str) -> Iterator[tuple[str, str]]:
     if choice not in ("mosquitto", "embedded"):
-        _check_reachable(choice)
         yield choice, "external"
         return
     try:

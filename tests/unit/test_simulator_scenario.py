@@ -163,6 +163,7 @@ def test_every_node_starts_from_the_same_version_zero() -> None:
         (["simulate", "--broker", "nowhere"], "--broker"),
         (["simulate", "--log-level", "loud"], "--log-level"),
         (["broker", "--port", "x"], "--port"),
+        (["simulate", "large", "--devices", "1000"], "cannot fill 10000 shards"),
         (["simulate", "no/such/file.toml"], "not found"),
     ],
 )
