@@ -204,4 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: commands raise
+    # edgefl.cli.UsageError, which a second copy of this module would not catch.
+    from edgefl.cli import main as _main
+
+    sys.exit(_main())

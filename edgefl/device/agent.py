@@ -14,14 +14,17 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..config import ConfigError, DeviceSettings
 from ..outbox import Outbox
 from ..params import l2_norm
 from ..profiles import Decision, Reading, UplinkEstimator
+from ..supervise import first_completed, wait_event
 from ..tasks import DeviceData, Task, TrainResult, load_task, set_torch_threads
 from ..tasks.training import accepts_should_stop
 from ..telemetry import Telemetry, last_will
@@ -173,7 +176,7 @@ class DeviceAgent:
     async def run(self) -> None:
         """Serve until cancelled: the session, rounds, status heartbeats and outbox flushes."""
         self._box()
-        await _first(self._link(), self._rounds(), self._heartbeat(), self._flusher())
+        await first_completed(self._link(), self._rounds(), self._heartbeat(), self._flusher())
 
     # ---------------------------------------------------------- MQTT session
     async def _link(self) -> None:
@@ -183,7 +186,7 @@ class DeviceAgent:
             return
         while True:
             await _until(online, True)
-            await _first(self._session(), _until(online, False))
+            await first_completed(self._session(), _until(online, False))
 
     async def _session(self) -> None:
         s = self.settings
@@ -209,6 +212,14 @@ class DeviceAgent:
                 if self._online is None or self._online():  # a stop, not a lost link
                     with contextlib.suppress(*LOST):
                         await asyncio.wait_for(telemetry.offline(), GOODBYE_TIMEOUT_S)
+                else:
+                    # A simulated link loss ends the session cleanly, so the broker
+                    # would not fire our will: publish it as the broker would have.
+                    with contextlib.suppress(*LOST):
+                        await asyncio.wait_for(
+                            transport.publish(will.topic, will.payload, retain=True),
+                            GOODBYE_TIMEOUT_S,
+                        )
 
     async def _on_connect(self) -> None:
         self.last_status = None  # a restarted broker lost our retained status
@@ -354,6 +365,9 @@ class DeviceAgent:
     def _train(self, model: Model) -> tuple[TrainResult, list[QTensor] | None, float]:
         """In the worker thread: local training, then quantization."""
         s = self.settings
+        # OpenMP thread limits are per thread: a new training thread would
+        # otherwise use every core, and a board's agent must leave some free.
+        torch.set_num_threads(s.torch_threads)
         params = wire_params(model)
         extra: dict[str, Any] = {"should_stop": self._stop.is_set} if self._stoppable else {}
         start = time.perf_counter()
@@ -425,8 +439,7 @@ class DeviceAgent:
     async def _heartbeat(self) -> None:
         poll = min(self.settings.heartbeat_s, STATUS_POLL_S)
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._status_due.wait(), poll)
+            await wait_event(self._status_due, poll)
             self._status_due.clear()
             reading = self.reader.read()
             pending = self._pending()
@@ -479,19 +492,6 @@ class DeviceAgent:
 async def _until(online: Callable[[], bool], wanted: bool) -> None:
     while online() != wanted:
         await asyncio.sleep(LINK_POLL_S)
-
-
-async def _first(*coros: Coroutine[Any, Any, Any]) -> None:
-    """Run ``coros`` until the first one ends or fails; then cancel and await the rest."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve_device(settings: DeviceSettings) -> None:

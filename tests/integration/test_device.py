@@ -219,7 +219,8 @@ async def test_agent_trains_its_shard_and_the_update_lowers_the_loss(
     trained = add(params, quant.dequantize_params(update.tensors))
     before, after = loss_on(task, params), loss_on(task, trained)
     assert after < before - 0.05, (before, after)
-    assert update.metrics["loss_before"] == pytest.approx(before, rel=1e-4)
+    # loss_before is estimated on up to 256 samples of the shard: close, not exact.
+    assert update.metrics["loss_before"] == pytest.approx(before, rel=0.05)
 
     (record,) = gw.rounds()
     assert record["upload_bytes"] == len(gw.raw_updates[0])
