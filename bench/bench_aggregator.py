@@ -131,10 +131,12 @@ async def drain_gateway(broker: str, gateway: str, updates: int, state: str) -> 
         await asyncio.wait_for(node.run(), 600)
         folded = node.aggregations and node.last_metrics.get("updates")
         rejected = sum(node.rejected.counts.values())
+        receive_ms = float(node.last_metrics.get("fold_ms") or 0.0)
     return {
         "rate": (len(times) - 1) / (times[-1] - times[0]),
         "folded": folded,
         "rejected": rejected,
+        "receive_us": receive_ms * 1e3 / max(1, updates),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -222,6 +224,8 @@ def main() -> int:
         f"ingest   gateway (receive+decode+validate+fold): {gw['rate']:8.0f} updates/s "
         f"({gw['folded']} folded, {gw['rejected']} rejected)",
         f"         bare aiomqtt subscriber (count only):   {bare['rate']:8.0f} updates/s",
+        f"         per update: {1e6 / bare['rate']:.0f} us of MQTT receive (bare), plus "
+        f"{gw['receive_us']:.0f} us of decode, checks and fold at the gateway",
         f"         best over best {rate_ratio:.2f} (target >= {MIN_RATE_RATIO})  "
         f"{_verdict(rate_ok)}; trial by trial: {per_trial}",
         f"memory   gateway peak RSS, a round of {large:>5} updates: "
