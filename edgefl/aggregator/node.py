@@ -17,6 +17,7 @@ from typing import Any
 
 from ..checkpoint import CheckpointStore, NodeState
 from ..config import AggregatorSettings, ConfigError
+from ..outbox import Outbox
 from ..params import Params, num_parameters, spec_of
 from ..supervise import first_completed, wait_event
 from ..tasks import Task, load_task
@@ -132,6 +133,16 @@ class Aggregator:
         self._status_due = True
         self._wait_until = 0.0
         self._heartbeat_at = 0.0
+
+    @property
+    def uplink(self) -> Uplink | None:
+        """The sync state with the parent (None for the cloud)."""
+        return self.link.uplink if self.link is not None else None
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """Sync updates not yet acknowledged by the broker (None for the cloud)."""
+        return self.link.outbox if self.link is not None else None
 
     # --------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Aggregator:
