@@ -73,8 +73,8 @@ class StreamingAverage:
         # Sum of w*lo per tensor: a scalar, added once in result() instead of
         # a full pass over the accumulator for every folded update.
         self._offset: dict[str, float] = {}
-        self._block: dict[str, np.ndarray] = {}
-        self._scratch: dict[str, np.ndarray] = {}
+        # Per tensor, flat float32 (block, scratch): one lookup per tensor per update.
+        self._buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._in_block = 0
         self.count = 0
         self.total_weight = 0.0
@@ -95,26 +95,26 @@ class StreamingAverage:
         self.total_weight += weight
 
     def add_quantized(self, tensors: Sequence[QTensor], weight: float) -> None:
-        """Fold wire tensors without building a float copy: ``w*lo + (w*scale)*q``."""
+        """Fold wire tensors without building a float copy: ``w*lo + (w*scale)*q``.
+
+        On the receive path of every aggregator: per tensor one dict lookup and two
+        numpy calls into preallocated flat buffers, nothing allocated.
+        """
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
+        buffers = self._buffers
         for t in tensors:
-            shape = tuple(t.shape)
-            block = self._block.get(t.name)
-            if block is None:
-                self._slot(t.name, shape)
-                block = self._block[t.name] = np.zeros(shape, dtype=np.float32)
-                self._scratch[t.name] = np.empty(shape, dtype=np.float32)
-            scratch = self._scratch[t.name]
+            pair = buffers.get(t.name)
+            if pair is None:
+                size = self._slot(t.name, tuple(t.shape)).size
+                pair = buffers[t.name] = (np.zeros(size, np.float32), np.empty(size, np.float32))
+            block, scratch = pair
             if t.dtype == "f32":
-                values = np.frombuffer(t.q, dtype="<f4").reshape(shape)
-                block += np.multiply(values, np.float32(weight), out=scratch)
+                block += np.multiply(np.frombuffer(t.q, "<f4"), np.float32(weight), out=scratch)
                 continue
-            self._offset[t.name] = self._offset.get(t.name, 0.0) + weight * float(
-                np.float32(t.lo)
-            )
+            self._offset[t.name] = self._offset.get(t.name, 0.0) + weight * t.lo
             if t.scale:
-                q = np.frombuffer(t.q, dtype=np.uint8).reshape(shape)
+                q = np.frombuffer(t.q, np.uint8)
                 block += np.multiply(q, np.float32(weight * t.scale), out=scratch)
         self.count += 1
         self.total_weight += weight
@@ -123,8 +123,9 @@ class StreamingAverage:
             self._flush()
 
     def _flush(self) -> None:
-        for name, block in self._block.items():
-            self._sum[name] += block
+        for name, (block, _) in self._buffers.items():
+            acc = self._sum[name]
+            acc += block.reshape(acc.shape)
             block.fill(0.0)
         self._in_block = 0
 
