@@ -62,8 +62,12 @@ def test_default_scenario_learns_on_mosquitto(default_run: Any) -> None:
     assert summary["participation"] == pytest.approx(1.0)
     assert summary["compression_ratio"] > 3.5
     assert summary["rejected"] == {}
-    # what devices had acknowledged equals what gateways received, byte for byte
-    assert summary["bytes_up_device"] <= summary["device_bytes_up_measured"]
+    # Every update a device saw acknowledged reached its gateway; the gateways may also
+    # hold a few whose PUBACK was still in flight when the run stopped (those stay in
+    # the devices' outboxes, pending, and the gateway would refuse them as duplicates).
+    acked, received = summary["device_bytes_up_measured"], summary["bytes_up_device"]
+    per_update = received / summary["device_updates"]
+    assert acked <= received <= acked + summary["updates_pending"] * per_update
 
 
 def test_report_files_hold_one_row_per_round_matching_the_summary(default_run: Any) -> None:
@@ -140,10 +144,13 @@ def test_ctrl_c_stops_every_process_and_the_broker(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 90
+        seen: list[str] = []
         for line in proc.stdout:
+            seen.append(line)
             if line.startswith("round 1/50"):
                 break
             assert time.monotonic() < deadline, "no round within 90 s"
+        assert seen and seen[-1].startswith("round 1/50"), "".join(seen)[-3000:]
         children = _descendants(proc.pid)
         names = " ".join(p.name() for p in children)
         assert "mosquitto" in names
