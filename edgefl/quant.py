@@ -15,6 +15,7 @@ from .params import Params
 from .wire import QTensor
 
 LEVELS = 255
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,16 @@ def quantize(
     # In place, in float32: this is the device's hot path and the bench holds it
     # to the cost of a plain float32 encode. x >= lo, so t >= 0 and truncation
     # after +0.5 rounds to nearest; the error is scale/2 up to float32 rounding.
-    t = np.subtract(x, np.float32(lo), dtype=np.float32)
-    t *= np.float32(1.0 / scale)
+    # Ranges so small that 1/scale overflows float32 (denormal steps) take float64.
+    work = np.float32 if 1.0 / scale < FLOAT32_MAX else np.float64
+    t = np.subtract(x, lo, dtype=work)
+    t *= work(1.0 / scale)
     if stochastic:
         gen = rng if rng is not None else np.random.default_rng()
-        t += gen.random(t.shape, dtype=np.float32)
-        np.minimum(t, np.float32(LEVELS), out=t)
+        t += gen.random(t.shape, dtype=work)
+        np.minimum(t, LEVELS, out=t)
     else:
-        t += np.float32(0.5)  # at most 255.5 + float32 rounding: never wraps past 255
+        t += work(0.5)  # at most 255.5 + float32 rounding: never wraps past 255
     q = t.astype(np.uint8)
     return Quantized(lo, scale, q)
 

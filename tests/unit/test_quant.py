@@ -103,3 +103,11 @@ def test_float32_wire_tensors_are_exact() -> None:
     delta = {"w": np.random.default_rng(2).normal(size=(5, 5)).astype(np.float32)}
     back = quant.dequantize_params(quant.float_params(delta))
     assert np.array_equal(back["w"], delta["w"])
+
+
+def test_a_range_of_denormal_steps_still_quantizes_within_half_a_step() -> None:
+    x = np.array([1.1754944e-38, 0.0, 5e-39], dtype=np.float32)
+    q = quant.quantize(x)
+    back = quant.dequantize(q.lo, q.scale, q.q)
+    assert q.q.tolist() == [255, 0, 108]
+    assert np.abs(back.astype(np.float64) - x).max() <= q.scale / 2 + 1e-45
