@@ -118,6 +118,7 @@ class Transport:
         max_payload_bytes: int = 64 * 1024 * 1024,
         queue_size: int = 0,
         persistent: bool = False,
+        on_message: Callable[[Message], None] | None = None,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -127,6 +128,10 @@ class Transport:
         #: waits for us instead of being dropped.
         self.persistent = persistent
         self._on_connect = on_connect
+        #: Called with each whole message as it is read, instead of queueing it for
+        #: ``messages()``: no task switch per message. It must not block; what it
+        #: raises is logged by the event loop and the session goes on.
+        self._on_message = on_message
         self._subscriptions: dict[str, int] = {}
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -285,6 +290,9 @@ class Transport:
         self._enqueue(Message(topic, bytes(payload), bool(msg.retain)))
 
     def _enqueue(self, message: Message) -> None:
+        if self._on_message is not None:
+            self._on_message(message)
+            return
         try:
             self._inbox.put_nowait(message)
         except asyncio.QueueFull:
