@@ -1,10 +1,9 @@
 """The aggregation node (gateway or cloud): an asyncio shell over rounds, admission and sync.
 
-Three tasks with one owner: the receiver decodes, checks and folds updates (nothing
-else on that path), the driver opens, closes and re-announces rounds, checkpoints
-and publishes, and the uplink flusher delivers sync updates from the outbox.
+The receive path decodes, checks and folds each update as the transport reads it
+(nothing else happens there); one driver task opens, closes and re-announces
+rounds, checkpoints and publishes; the parent link delivers sync updates.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -98,6 +97,7 @@ class Aggregator:
             f"edgefl-{self.tier}-{self.id}",
             will=last_will(self.topics, self.parent, self.id, self.tier) if self.parent else None,
             on_connect=self._on_connect,
+            on_message=self._dispatch,  # the receive path runs as each message is read
             max_payload_bytes=self._payload_limit,
             # Updates sent while the node restarts wait at the broker, not in the void.
             persistent=True,
@@ -183,16 +183,12 @@ class Aggregator:
 
     async def run(self) -> None:
         """Serve rounds until ``settings.rounds`` aggregations are done (0: until cancelled)."""
-        workers = [self._receive(), self._drive()]
+        workers = [self._drive()]
         if self.link is not None:
             workers.append(self.link.flush())
         await first_completed(*workers)
 
     # ---------------------------------------------------------------- receiving
-    async def _receive(self) -> None:
-        async for message in self.transport.messages():
-            self._dispatch(message)
-
     def _dispatch(self, message: Message) -> None:
         topic = message.topic
         if topic.startswith(self._update_prefix):
