@@ -130,7 +130,7 @@ class Transport:
         self._on_connect = on_connect
         #: Called with each whole message as it is read, instead of queueing it for
         #: ``messages()``: no task switch per message. It must not block; what it
-        #: raises is logged by the event loop and the session goes on.
+        #: raises is logged with its traceback and the session goes on.
         self._on_message = on_message
         self._subscriptions: dict[str, int] = {}
         self._client: aiomqtt.Client | None = None
@@ -291,7 +291,12 @@ class Transport:
 
     def _enqueue(self, message: Message) -> None:
         if self._on_message is not None:
-            self._on_message(message)
+            try:
+                self._on_message(message)
+            except Exception:
+                # Raised into paho, it would pass for a broken connection and hide
+                # the bug behind a reconnect: say what failed, keep the session.
+                log.exception("%s: message handler failed on %s", self.client_id, message.topic)
             return
         try:
             self._inbox.put_nowait(message)
