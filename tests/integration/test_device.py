@@ -178,9 +178,9 @@ def device_process(url: str, state_dir: Path, log: Path) -> Iterator[subprocess.
 
 
 def undocumented(record: dict[str, Any]) -> set[str]:
-    """Fields of a metrics record missing from the device metrics table of the README fragment."""
-    text = (Path(__file__).resolve().parents[2] / "docs_fragments" / "device.md").read_text()
-    section = text.split("### Device metrics", 1)[1].split("\n### ", 1)[0]
+    """Fields of a metrics record missing from the README's device metrics table."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = re.split(r"\n#{2,4} ", text.split("#### Device metrics", 1)[1], maxsplit=1)[0]
     names = re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
     known = [
         re.compile(re.escape(n).replace(re.escape("<reason>"), "[a-z_]+") + "$") for n in names

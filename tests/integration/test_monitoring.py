@@ -47,7 +47,8 @@ class FixedReader:
 
 
 def documented_fields() -> set[str]:
-    text = (REPO / "docs_fragments" / "ops.md").read_text()
+    text = (REPO / "README.md").read_text().split("\n## Operating a fleet", 1)[1]
+    text = text.split("\n## ", 1)[0]
     return set(re.findall(r"^\| `([a-z_<>]+)`", text, flags=re.MULTILINE))
 
 

@@ -29,8 +29,9 @@ T = Topics()
 
 
 def documented_fields() -> set[str]:
-    """Field names in the first column of the tables in docs_fragments/ops.md."""
-    text = (REPO / "docs_fragments" / "ops.md").read_text()
+    """Field names in the first column of the tables of the README's operations chapter."""
+    text = (REPO / "README.md").read_text().split("\n## Operating a fleet", 1)[1]
+    text = text.split("\n## ", 1)[0]
     return set(re.findall(r"^\| `([a-z_<>]+)`", text, flags=re.MULTILINE))
 
 
