@@ -9,18 +9,10 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping, Set
 
-from ..config import AggregatorSettings, PolicySettings
+from ..config import AggregatorSettings
+from ..device.policy import policy_of  # the policy a device applies to itself
 from ..profiles import Decision, EligibilityPolicy
 from ..wire import Status
-
-
-def policy_of(settings: PolicySettings) -> EligibilityPolicy:
-    """The same policy a device applies to itself, built from the node's settings."""
-    return EligibilityPolicy(
-        min_battery=settings.min_battery,
-        allowed_links=tuple(settings.allowed_links),
-        max_temp_c=settings.max_temp_c,
-    )
 
 
 class Children:

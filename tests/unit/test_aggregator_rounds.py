@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from edgefl.aggregator.rounds import Round, apply_delta, make_aggregate, quorum_target
-from edgefl.aggregator.selection import Children, policy_of, select
+from edgefl.aggregator.selection import Children, select
 from edgefl.aggregator.uplink import Uplink
 from edgefl.config import PolicySettings
+from edgefl.device.policy import policy_of
 from edgefl.quant import dequantize_params, float_params
 from edgefl.wire import Status
 
