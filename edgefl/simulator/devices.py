@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from ..profiles import MarkovConnectivity, Reading, SimProfile, SimReader
+from ..tasks.training import accepts_should_stop
 
 __all__ = ["SimReader"]
 from ..quant import float_params
@@ -138,14 +138,6 @@ class DeviceTally:
     _late_ids: set[int] = field(default_factory=set, repr=False)
 
 
-def accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
-
-
 def attack_delta(delta: dict[str, np.ndarray], attack: str, scale: float) -> dict[str, np.ndarray]:
     """What an adversarial device trains into its delta (``nan`` is applied at encoding)."""
     if attack == "scale":
@@ -202,7 +194,7 @@ class SimulatedTask:
         self.attack = attack
         self.attack_scale = attack_scale
         self.runner = runner
-        self._inner_stoppable = accepts(task.train, "should_stop")
+        self._inner_stoppable = accepts_should_stop(task.train)
 
     def init_params(self, seed: int = 0) -> Any:
         return self.inner.init_params(seed)
