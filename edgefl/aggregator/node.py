@@ -4,6 +4,7 @@ The receive path decodes, checks and folds each update as the transport reads it
 (nothing else happens there); one driver task opens, closes and re-announces
 rounds, checkpoints and publishes; the parent link delivers sync updates.
 """
+
 from __future__ import annotations
 
 import asyncio
