@@ -44,8 +44,9 @@ def quantize(
     if hi == lo:
         return Quantized(lo, 0.0, np.zeros(x.shape, dtype=np.uint8))
     scale = float(np.float32((hi - lo) / LEVELS))
-    if scale == 0.0:  # range below float32 resolution: still exact enough at lo
-        return Quantized(lo, 0.0, np.zeros(x.shape, dtype=np.uint8))
+    if scale == 0.0:
+        # A range of a few denormals: one step of the whole range still keeps scale/2.
+        scale = float(np.float32(hi - lo))
     # In place, in float32: this is the device's hot path and the bench holds it
     # to the cost of a plain float32 encode. x >= lo, so t >= 0 and truncation
     # after +0.5 rounds to nearest; the error is scale/2 up to float32 rounding.

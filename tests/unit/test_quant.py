@@ -111,3 +111,10 @@ def test_a_range_of_denormal_steps_still_quantizes_within_half_a_step() -> None:
     back = quant.dequantize(q.lo, q.scale, q.q)
     assert q.q.tolist() == [255, 0, 108]
     assert np.abs(back.astype(np.float64) - x).max() <= q.scale / 2 + 1e-45
+
+
+def test_a_range_below_255_denormals_uses_one_step_of_the_whole_range() -> None:
+    x = np.array([[1e-45, 0.0]], dtype=np.float32)
+    q = quant.quantize(x)
+    assert q.q.tolist() == [[1, 0]]
+    assert np.array_equal(quant.dequantize(q.lo, q.scale, q.q), x)
