@@ -19,6 +19,7 @@ from ..checkpoint import CheckpointStore, NodeState
 from ..config import AggregatorSettings, ConfigError
 from ..outbox import Outbox
 from ..params import Params, num_parameters, spec_of
+from ..profiles import OsReader
 from ..supervise import first_completed, wait_event
 from ..tasks import Task, load_task
 from ..telemetry import Telemetry, last_will
@@ -58,7 +59,9 @@ class Aggregator:
     ``task`` defaults to ``load_task(settings.task, **settings.task_options)``;
     every tier must use the same task and seed, since version 0 of every node is
     ``task.init_params(settings.seed)``. ``clock`` gives wall-clock seconds
-    (deadlines travel in Models as unix times).
+    (deadlines travel in Models as unix times). ``reader`` (anything with
+    ``read() -> profiles.Reading``, default ``profiles.OsReader``) fills the
+    battery, link and uplink of a gateway's Status.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class Aggregator:
         task: Task | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        reader: Any = None,
     ) -> None:
         if settings.tier == "cloud" and settings.parent is not None:
             raise ConfigError("the cloud tier has no parent; use tier 'gateway' for a middle tier")
@@ -75,6 +79,8 @@ class Aggregator:
         self.tier = settings.tier
         self.parent = (settings.parent or "cloud") if settings.tier == "gateway" else None
         self.clock = clock
+        # A gateway tells its parent its power and link like any child would.
+        self.reader = reader if reader is not None else OsReader()
         self.topics = Topics(settings.mqtt.prefix)
         try:
             self.task = task or load_task(settings.task, **settings.task_options)
@@ -499,10 +505,15 @@ class Aggregator:
         if self.parent is None:
             self._status_due = False
             return
+        reading = self.reader.read()
         status = Status(
             online=True,
             role=self.tier,
             id=self.id,
+            battery=reading.battery,
+            charging=reading.charging,
+            link=reading.link,
+            uplink_kbps=reading.uplink_kbps,
             buffered=self.link.buffered if self.link is not None else 0,
             model_version=self.version,
         )

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import msgpack
 import numpy as np
 import pytest
@@ -156,3 +157,34 @@ async def test_silent_or_vanished_children_do_not_stall_a_round(
         m = await h.wait_metrics("cloud", event="round", version=2, timeout=5)
         assert (m["close"], m["participants"]) == ("all", 2)
         assert m["round_ms"] < 1500
+
+
+async def test_a_gateway_reports_its_power_and_link_to_its_parent(
+    broker: RunningBroker, tmp_path: Path
+) -> None:
+    from edgefl.profiles import Reading
+    from edgefl.wire import decode_status
+
+    class OnBattery:
+        def read(self) -> Reading:
+            return Reading(battery=0.42, charging=False, link="cellular", uplink_kbps=800.0)
+
+    settings = _settings(broker, tmp_path, id="gw-9", tier="gateway")
+    async with (
+        aiomqtt.Client(broker.host, broker.port) as client,
+        Aggregator(settings, TinyTask(), reader=OnBattery()) as node,
+    ):
+        await client.subscribe("edgefl/cloud/status/gw-9", qos=1)
+        task = asyncio.create_task(node.run())
+        try:
+            async with asyncio.timeout(10):
+                async for message in client.messages:
+                    status = decode_status(bytes(message.payload))  # type: ignore[arg-type]
+                    if status.online:
+                        break
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert (status.role, status.battery, status.charging) == ("gateway", 0.42, False)
+    assert (status.link, status.uplink_kbps, status.model_version) == ("cellular", 800.0, 0)
