@@ -10,8 +10,7 @@ import random
 from collections.abc import Iterable, Mapping, Set
 
 from ..config import AggregatorSettings
-from ..device.policy import policy_of  # the policy a device applies to itself
-from ..profiles import Decision, EligibilityPolicy
+from ..profiles import Decision, EligibilityPolicy, policy_of
 from ..wire import Status
 
 

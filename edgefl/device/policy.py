@@ -7,18 +7,11 @@ the device on its own, fresher reading. Pure: the caller passes the clock's time
 from __future__ import annotations
 
 from ..config import PolicySettings
-from ..profiles import UPLINK_TOO_SLOW, Decision, EligibilityPolicy, Reading
+from ..profiles import UPLINK_TOO_SLOW, Decision, EligibilityPolicy, Reading, policy_of
 from ..wire import Model
 
 DEADLINE_PASSED = "deadline_passed"
-
-
-def policy_of(settings: PolicySettings) -> EligibilityPolicy:
-    return EligibilityPolicy(
-        min_battery=settings.min_battery,
-        allowed_links=tuple(settings.allowed_links),
-        max_temp_c=settings.max_temp_c,
-    )
+__all__ = ["DEADLINE_PASSED", "decide", "policy_of", "selected"]
 
 
 def selected(model: Model, device_id: str) -> bool:

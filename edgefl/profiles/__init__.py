@@ -17,6 +17,7 @@ from .policy import (
     Decision,
     EligibilityPolicy,
     HasProfile,
+    policy_of,
 )
 from .readers import (
     OsReader,
@@ -70,6 +71,7 @@ __all__ = [
     "default_route_interface",
     "draw_profile",
     "link_of",
+    "policy_of",
     "read_battery",
     "read_cpu_temp",
     "read_link",

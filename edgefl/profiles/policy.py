@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import (
     BaseModel,
@@ -16,6 +16,9 @@ from pydantic import (
 )
 
 from .reading import LINKS, Link
+
+if TYPE_CHECKING:
+    from ..config import PolicySettings
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +91,13 @@ class EligibilityPolicy(BaseModel):
         if kbps <= 0 or expected_bytes * 8 / 1000 / kbps > deadline_s:
             return Decision(False, UPLINK_TOO_SLOW)
         return Decision(True, OK)
+
+
+def policy_of(settings: PolicySettings) -> EligibilityPolicy:
+    """The policy a role's ``[policy]`` settings describe: the device applies it to
+    itself, an aggregation node to its children's Status."""
+    return EligibilityPolicy(
+        min_battery=settings.min_battery,
+        allowed_links=tuple(settings.allowed_links),
+        max_temp_c=settings.max_temp_c,
+    )
