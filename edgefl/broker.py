@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .supervise import wait_event
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto mosquitto-clients"
@@ -236,8 +238,7 @@ def serve_embedded(host: str, port: int, parent_pid: int | None = None) -> None:
             while not stop.is_set():
                 if parent_pid is not None and os.getppid() != parent_pid:
                     break  # our parent died without stopping us: do not outlive it
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                await wait_event(stop, 1.0)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(broker.shutdown(), 5.0)

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from ..supervise import wait_event
 from .scenario import DevicePlan, Scenario
 
 log = logging.getLogger(__name__)
@@ -231,8 +232,7 @@ async def _until_stopped(
                 failed[0].result()  # a device agent that stops on its own is a bug: surface it
                 raise RuntimeError("a device agent stopped on its own")
             meter.sample()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), WATCH_S)
+            await wait_event(stop, WATCH_S)
     finally:
         loop.remove_reader(conn.fileno())
 
