@@ -45,9 +45,9 @@ def torch_save(delta: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def decode_fold(data: bytes, spec: dict[str, tuple[int, ...]]) -> None:
+def decode_fold(data: bytes, spec: dict[str, tuple[int, ...]], acc: fedavg.Aggregate) -> None:
+    """What an aggregator does per received update: decode, check, fold into its round."""
     update = wire.decode_update(data, spec)
-    acc = fedavg.StreamingAverage()
     acc.add_quantized(update.tensors, float(update.n))
 
 
@@ -84,9 +84,11 @@ def main() -> int:
             best_us(lambda d=delta: encode_u8(d), repeat),
             best_us(lambda d=delta: encode_f32(d), repeat),
         )
+        # One accumulator per codec, as in a round: its buffers are allocated once.
+        acc_u8, acc_f32 = fedavg.StreamingAverage(), fedavg.StreamingAverage()
         dec = (
-            best_us(lambda b=u8_bytes, s=spec: decode_fold(b, s), repeat),
-            best_us(lambda b=f32_bytes, s=spec: decode_fold(b, s), repeat),
+            best_us(lambda b=u8_bytes, s=spec, a=acc_u8: decode_fold(b, s, a), repeat),
+            best_us(lambda b=f32_bytes, s=spec, a=acc_f32: decode_fold(b, s, a), repeat),
         )
         total_u8, total_f32 = enc[0] + dec[0], enc[1] + dec[1]
         for step, (a, b) in (("encode", enc), ("decode", dec), ("both", (total_u8, total_f32))):

@@ -79,7 +79,7 @@ async def test_every_rejection_is_counted_once_and_a_valid_update_still_lands(
         assert clean["rejected_total"] == 0
 
         good = make_update("d1", 2, delta_of(2), base=2)
-        nan = good.model_dump()
+        nan = msgpack.unpackb(encode_update(good))
         nan["tensors"][0].update(dtype="u8", q=bytes(12), lo=float("nan"))
         wrong_shape = make_update("d1", 2, {"w": np.zeros((4, 3), np.float32)}, base=2)
         whole = b"\x81\xa1v\x01" + bytes(3000)
