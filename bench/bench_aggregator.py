@@ -34,6 +34,7 @@ from edgefl.broker import start_mosquitto
 from edgefl.config import AggregatorSettings
 from edgefl.params import Params, Spec, spec_of
 from edgefl.quant import quantize_params
+from edgefl.tasks import set_torch_threads
 from edgefl.topics import Topics
 from edgefl.wire import Update, encode_update
 
@@ -120,7 +121,9 @@ async def publish(broker: str, plan: dict[str, int]) -> None:
 async def drain_gateway(broker: str, gateway: str, updates: int, state: str) -> dict[str, Any]:
     """Resume the gateway's session and time it folding its queued updates."""
     times: list[float] = []
-    async with Aggregator(_settings(broker, gateway, updates, state), BenchTask()) as node:
+    settings = _settings(broker, gateway, updates, state)
+    set_torch_threads(settings.torch_threads)  # as `edgefl gateway` does
+    async with Aggregator(settings, BenchTask()) as node:
         on_update = node._on_update  # instrumented: the wall time of the first and last fold
 
         def timed(sender: str, payload: bytes) -> None:

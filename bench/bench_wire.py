@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from edgefl import fedavg, quant, wire
+from edgefl.tasks import set_torch_threads
 
 
 def _delta(params: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -62,6 +63,7 @@ def best_us(fn: Callable[[], object], repeat: int) -> float:
 
 
 def main() -> int:
+    set_torch_threads(1)  # as an aggregator process runs its fold
     ok = True
     print("bytes on the wire per parameter (target: uint8 <= 1.01 at 100k+ parameters)")
     print(f"{'params':>10} {'uint8':>8} {'float32':>8} {'torch.save':>11} {'ratio f32/u8':>13}")

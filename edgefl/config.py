@@ -176,6 +176,7 @@ class AggregatorSettings(_RoleSettings):
     checkpoint: bool = Field(True, description="checkpoint to state_dir after each round")
     heartbeat_s: float = Field(30.0, gt=0, description="status republish period")
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads (the fold, evaluation)")
 
 
 S = TypeVar("S", bound=BaseSettings)

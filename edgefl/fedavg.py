@@ -1,6 +1,7 @@
 """Federated averaging: a streaming weighted sum, staleness weights, robust rules.
 
-Pure numpy over ``(delta, weight)`` pairs; never imports asyncio or MQTT.
+Pure numpy (torch for the quantized fold) over ``(delta, weight)`` pairs; never
+imports asyncio or MQTT.
 ``StreamingAverage`` holds O(model) memory whatever the number of updates;
 the robust rules (median, trimmed mean) must hold every update to sort them.
 """
@@ -8,10 +9,12 @@ the robust rules (median, trimmed mean) must hold every update to sort them.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 import numpy as np
+import torch
 
 from .params import Params, l2_norm
 from .wire import QTensor
@@ -60,6 +63,11 @@ class Aggregate(Protocol):
 #: cost), and 64 float32 additions stay far below the uint8 quantization error.
 BLOCK = 64
 
+# torch.frombuffer warns that a bytes payload is read-only; the fold only reads it.
+warnings.filterwarnings(
+    "ignore", message="The given buffer is not writable", category=UserWarning, module=__name__
+)
+
 
 class StreamingAverage:
     """Weighted mean of deltas folded one at a time, in float64, O(model) memory.
@@ -73,8 +81,9 @@ class StreamingAverage:
         # Sum of w*lo per tensor: a scalar, added once in result() instead of
         # a full pass over the accumulator for every folded update.
         self._offset: dict[str, float] = {}
-        # Per tensor, flat float32 (block, scratch): one lookup per tensor per update.
-        self._buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # Per tensor, a flat float32 block and a torch view of it: one lookup per
+        # tensor per update.
+        self._blocks: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
         self._in_block = 0
         self.count = 0
         self.total_weight = 0.0
@@ -97,25 +106,25 @@ class StreamingAverage:
     def add_quantized(self, tensors: Sequence[QTensor], weight: float) -> None:
         """Fold wire tensors without building a float copy: ``w*lo + (w*scale)*q``.
 
-        On the receive path of every aggregator: per tensor one dict lookup and two
-        numpy calls into preallocated flat buffers, nothing allocated.
+        On the receive path of every aggregator: per tensor one dict lookup and one
+        fused torch multiply-add from the payload's bytes into a preallocated block
+        (numpy needs a scratch pass to widen uint8 first, which costs 1.7x).
         """
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        buffers = self._buffers
+        blocks = self._blocks
         for t in tensors:
-            pair = buffers.get(t.name)
+            pair = blocks.get(t.name)
             if pair is None:
                 size = self._slot(t.name, tuple(t.shape)).size
-                pair = buffers[t.name] = (np.zeros(size, np.float32), np.empty(size, np.float32))
-            block, scratch = pair
+                block = np.zeros(size, np.float32)
+                pair = blocks[t.name] = (block, torch.from_numpy(block))
             if t.dtype == "f32":
-                block += np.multiply(np.frombuffer(t.q, "<f4"), np.float32(weight), out=scratch)
+                pair[1].add_(torch.frombuffer(t.q, dtype=torch.float32), alpha=weight)
                 continue
             self._offset[t.name] = self._offset.get(t.name, 0.0) + weight * t.lo
             if t.scale:
-                q = np.frombuffer(t.q, np.uint8)
-                block += np.multiply(q, np.float32(weight * t.scale), out=scratch)
+                pair[1].add_(torch.frombuffer(t.q, dtype=torch.uint8), alpha=weight * t.scale)
         self.count += 1
         self.total_weight += weight
         self._in_block += 1
@@ -123,7 +132,7 @@ class StreamingAverage:
             self._flush()
 
     def _flush(self) -> None:
-        for name, (block, _) in self._buffers.items():
+        for name, (block, _) in self._blocks.items():
             acc = self._sum[name]
             acc += block.reshape(acc.shape)
             block.fill(0.0)

@@ -21,7 +21,7 @@ from ..outbox import Outbox
 from ..params import Params, num_parameters, spec_of
 from ..profiles import OsReader
 from ..supervise import first_completed, wait_event
-from ..tasks import Task, load_task
+from ..tasks import Task, load_task, set_torch_threads
 from ..telemetry import Telemetry, last_will
 from ..topics import ID_RE, Topics
 from ..transport import Message, NotConnected, PublishTimeout, Transport
@@ -522,5 +522,6 @@ class Aggregator:
 
 async def serve_aggregator(settings: AggregatorSettings) -> None:
     """The ``edgefl gateway`` / ``edgefl cloud`` command: serve until cancelled or done."""
+    set_torch_threads(settings.torch_threads)
     async with Aggregator(settings) as node:
         await node.run()
