@@ -42,6 +42,29 @@ def test_folding_quantized_tensors_equals_averaging_their_dequantized_values() -
     assert all(np.abs(ra[n] - rb[n]).max() < 1e-6 for n in ra)
 
 
+@pytest.mark.parametrize("encode", [quant.quantize_params, quant.float_params])
+def test_quantized_fold_is_exact_for_large_and_small_tensors_across_blocks(encode) -> None:
+    """Large tensors fold in torch, small ones in numpy; 70 updates cross a block flush."""
+    rng = np.random.default_rng(7)
+    big = (fedavg.TORCH_FOLD_MIN // 64 + 1, 64)
+    deltas = [
+        {
+            "big": rng.normal(size=big).astype(np.float32),
+            "small": rng.normal(size=7).astype(np.float32),
+        }
+        for _ in range(fedavg.BLOCK + 6)
+    ]
+    weights = rng.integers(1, 100, size=len(deltas)).astype(float)
+    acc = fedavg.StreamingAverage()
+    for d, w in zip(deltas, weights, strict=True):
+        acc.add_quantized(encode(d), w)
+    result = acc.result()
+    for name in ("big", "small"):
+        wire = [quant.dequantize_params(encode(d))[name] for d in deltas]
+        expected = np.average(np.stack(wire), axis=0, weights=weights)
+        assert np.abs(result[name] - expected).max() < 1e-5
+
+
 def test_streaming_memory_does_not_grow_with_updates() -> None:
     acc = fedavg.StreamingAverage()
     for d in _deltas(200):
