@@ -226,8 +226,8 @@ def decode_update(
         update = _UPDATE_DECODER.decode(data)
     except msgspec.ValidationError as exc:
         raise UpdateRejected(Reason.MALFORMED, str(exc)[:200]) from None
-    except msgspec.DecodeError:
-        raise UpdateRejected(Reason.MALFORMED, "not a msgpack update") from None
+    except Exception as exc:  # DecodeError, but also UnicodeDecodeError and others on garbage
+        raise UpdateRejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if update.v != SCHEMA_VERSION:
         raise UpdateRejected(Reason.MALFORMED, f"schema version {update.v!r}")
     check_tensors(update, spec)

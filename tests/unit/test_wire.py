@@ -71,6 +71,10 @@ def test_invalid_updates_are_rejected_with_their_reason(mutate: object, reason: 
     assert _reason(msgpack.packb(doc, use_bin_type=True)) is reason
 
 
+def test_invalid_utf8_in_a_string_field_is_malformed() -> None:
+    assert _reason(b"\x81\xa2\x80\x80\x01") is Reason.MALFORMED  # {b"\x80\x80": 1}
+
+
 def test_oversized_payload_is_rejected_before_parsing() -> None:
     data = wire.encode_update(_update())
     assert _reason(data, max_bytes=len(data) - 1) is Reason.OVERSIZED
