@@ -93,7 +93,7 @@ class UpdateEncoder:
             seq=seq,
             round=round_,
             base=base,
-            n=n,
+            n=int(n),  # a task may count its samples in a numpy integer
             metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
             tensors=tensors,
         )

@@ -97,3 +97,12 @@ def test_progress_round_trips_with_its_residual_and_starts_empty() -> None:
     back = Progress.load(Progress(trained=(4, 2), model_version=3, residual=residual).dump())
     assert (back.trained, back.model_version) == ((4, 2), 3)
     assert all(np.array_equal(back.residual[n], residual[n]) for n in residual)
+
+
+def test_numpy_sample_counts_and_metrics_encode_as_plain_numbers() -> None:
+    enc = UpdateEncoder(_settings())
+    tensors = enc.tensors(_delta(), round_=0)
+    metrics = {"loss": np.float32(0.25)}
+    data = enc.encode(tensors, seq=0, round_=0, base=0, n=np.int64(42), metrics=metrics)  # type: ignore[arg-type]
+    update = wire.decode_update(data, spec_of(_delta()))
+    assert update.n == 42 and update.metrics == {"loss": 0.25}
