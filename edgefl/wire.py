@@ -102,9 +102,11 @@ class Update(msgspec.Struct, forbid_unknown_fields=True):
     base: Count
     #: samples behind this update (its FedAvg weight).
     n: Annotated[int, msgspec.Meta(ge=1)]
-    tensors: list[QTensor]
+    tensors: Annotated[list[QTensor], msgspec.Meta(max_length=1 << 16)]
     v: int = SCHEMA_VERSION
-    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    metrics: Annotated[dict[str, float], msgspec.Meta(max_length=1 << 12)] = msgspec.field(
+        default_factory=dict
+    )
     sig: bytes | None = None
 
 

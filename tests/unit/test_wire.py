@@ -75,6 +75,14 @@ def test_invalid_utf8_in_a_string_field_is_malformed() -> None:
     assert _reason(b"\x81\xa2\x80\x80\x01") is Reason.MALFORMED  # {b"\x80\x80": 1}
 
 
+def test_more_tensors_or_metrics_than_the_limits_are_malformed() -> None:
+    doc = msgpack.unpackb(wire.encode_update(_update()))
+    many_metrics = {**doc, "metrics": {f"m{i}": 0.0 for i in range(4097)}}
+    assert _reason(msgpack.packb(many_metrics, use_bin_type=True)) is Reason.MALFORMED
+    many_tensors = {**doc, "tensors": doc["tensors"] * 32769}
+    assert _reason(msgpack.packb(many_tensors, use_bin_type=True)) is Reason.MALFORMED
+
+
 def test_oversized_payload_is_rejected_before_parsing() -> None:
     data = wire.encode_update(_update())
     assert _reason(data, max_bytes=len(data) - 1) is Reason.OVERSIZED
