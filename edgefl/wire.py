@@ -42,6 +42,10 @@ class Reason(str, enum.Enum):
     BAD_SIGNATURE = "bad_signature"
     NORM = "norm"
     CHUNK_TIMEOUT = "chunk_timeout"
+    #: a second update from the same sender in one round: the fresher one is kept.
+    SUPERSEDED = "superseded"
+    #: a model whose version goes back, or jumps further ahead than allowed.
+    VERSION = "version"
 
 
 class UpdateRejected(Exception):
@@ -73,6 +77,9 @@ class TrainConfig(_Strict):
 
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
+#: Sequence numbers, rounds and versions stay exact in a float64 (JSON, JavaScript).
+MAX_COUNTER = 2**53
+Ordinal = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNTER)]
 
 
 class QTensor(msgspec.Struct, forbid_unknown_fields=True):
@@ -97,17 +104,20 @@ class Update(msgspec.Struct, forbid_unknown_fields=True):
     """
 
     sender: Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
-    seq: Count
-    round: Count
-    base: Count
-    #: samples behind this update (its FedAvg weight).
-    n: Annotated[int, msgspec.Meta(ge=1)]
+    seq: Ordinal
+    round: Ordinal
+    base: Ordinal
+    #: samples behind this update; its FedAvg weight, capped by the node (see admission).
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNTER)]
     tensors: Annotated[list[QTensor], msgspec.Meta(max_length=1 << 16)]
     v: int = SCHEMA_VERSION
     metrics: Annotated[dict[str, float], msgspec.Meta(max_length=1 << 12)] = msgspec.field(
         default_factory=dict
     )
     sig: bytes | None = None
+    #: the sender's incarnation: a random id drawn when its outbox is created, so that a
+    #: device whose storage was reset (seq from 0 again) is told apart from a replay.
+    inc: Ordinal = 0
 
 
 class FTensor(_Strict):
@@ -132,6 +142,9 @@ class Model(_Strict):
     selected: list[str] = Field(default_factory=list)
     #: wall-clock time (unix seconds) at which the round closes.
     deadline: float = 0.0
+    #: per child, ``(inc, seq)`` of the last update the node settled (folded into a saved
+    #: round, or rejected for good): the child may forget every update up to it.
+    receipts: dict[str, tuple[int, int]] = Field(default_factory=dict)
 
 
 class Status(_Strict):
@@ -147,6 +160,8 @@ class Status(_Strict):
     uplink_kbps: float | None = Field(None, ge=0)
     buffered: int = Field(0, ge=0)
     model_version: int | None = None
+    #: local training samples: the child's declared weight bound (the node caps it).
+    samples: int | None = Field(None, ge=0, le=MAX_COUNTER)
     eligible: bool = True
     reason: str = ""
     ts: float = Field(default_factory=time.time)
