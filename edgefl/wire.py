@@ -124,7 +124,7 @@ class FTensor(_Strict):
     """One dense tensor of a model: float32 or float16, little-endian."""
 
     name: str = Field(min_length=1, max_length=256)
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
     dtype: Literal["f32", "f16"] = "f32"
     data: bytes
 
@@ -279,7 +279,10 @@ def encode_model(model: Model) -> bytes:
 
 
 def decode_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Model:
-    """Parse a Model; raises ``UpdateRejected(malformed|oversized|shape)`` on bad input."""
+    """Parse a Model; raises ``UpdateRejected(malformed|oversized|shape)`` on bad input.
+
+    Nothing else escapes: a child decodes whatever lands on its parent's model topic.
+    """
     obj = _unpack(data, max_bytes)
     if obj.get("v") != SCHEMA_VERSION:
         raise UpdateRejected(Reason.MALFORMED, f"schema version {obj.get('v')!r}")

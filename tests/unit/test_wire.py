@@ -142,6 +142,57 @@ def test_model_round_trip_in_float32_and_float16() -> None:
         assert np.abs(wire.model_params(back)["w"] - params["w"]).max() <= tol
 
 
+def _model_doc(tensors: list[dict[str, object]]) -> bytes:
+    return msgpack.packb(
+        {"v": 1, "sender": "gw-1", "version": 1, "round": 1, "tensors": tensors},
+        use_bin_type=True,
+    )
+
+
+@pytest.mark.parametrize("shape", [[-1, -4], [-2, -2], [1] * 9])
+def test_a_model_tensor_shape_out_of_bounds_is_malformed(shape: list[int]) -> None:
+    size = abs(math.prod(shape)) * 4
+    data = _model_doc([{"name": "w", "shape": shape, "data": b"\0" * size}])
+    with pytest.raises(UpdateRejected) as info:
+        wire.decode_model(data)
+    assert info.value.reason is Reason.MALFORMED
+
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.binary(max_size=16)
+)
+
+
+@given(
+    shapes=st.lists(st.lists(st.integers(-(2**63), 2**64 - 1), max_size=10), max_size=3),
+    widths=st.lists(st.integers(0, 64), min_size=3, max_size=3),
+    extra=st.dictionaries(
+        st.sampled_from(["version", "round", "config", "selected", "deadline", "receipts", "sig"]),
+        _SCALARS | st.lists(_SCALARS, max_size=3) | st.dictionaries(st.text(max_size=4), _SCALARS),
+    ),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_model_decodes_to_usable_params_or_is_rejected(
+    shapes: list[list[int]], widths: list[int], extra: dict[str, object]
+) -> None:
+    tensors = [
+        {"name": f"t{i}", "shape": shape, "dtype": "f32", "data": b"\0" * (4 * width)}
+        for i, (shape, width) in enumerate(zip(shapes, widths, strict=False))
+    ]
+    doc = msgpack.unpackb(_model_doc(tensors), raw=False)
+    data = msgpack.packb({**doc, **extra}, use_bin_type=True)
+    try:
+        model = wire.decode_model(data)
+    except UpdateRejected:
+        return
+    wire.model_params(model)  # the shapes it let through fit the data
+
+
 def test_status_and_metrics_are_json_with_a_schema_version() -> None:
     status = wire.Status(online=True, role="device", id="dev-1", battery=0.5, buffered=2)
     raw = wire.encode_status(status)
