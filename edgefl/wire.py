@@ -145,6 +145,8 @@ class Model(_Strict):
     #: per child, ``(inc, seq)`` of the last update the node settled (folded into a saved
     #: round, or rejected for good): the child may forget every update up to it.
     receipts: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    #: Ed25519 signature by the sender of every other field (``edgefl.signing``).
+    sig: bytes | None = None
 
 
 class Status(_Strict):
