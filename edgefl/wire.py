@@ -292,6 +292,8 @@ def decode_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
         model = Model.model_validate(obj)
     except ValidationError as exc:
         raise UpdateRejected(Reason.MALFORMED, _first_error(exc)) from None
+    except Exception as exc:  # a validator tripping on input pydantic did not foresee
+        raise UpdateRejected(Reason.MALFORMED, f"not a Model: {type(exc).__name__}") from None
     for t in model.tensors:
         width = 4 if t.dtype == "f32" else 2
         if len(t.data) != math.prod(t.shape) * width:
