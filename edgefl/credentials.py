@@ -1,4 +1,4 @@
-"""``edgefl credentials``: broker passwords, ACL blocks and update-signing keys.
+"""``edgefl credentials``: broker passwords, ACL blocks, update and model signing keys.
 
 A broker user's name is the node's id, so the ACL can tie every write to the
 sender's own topics. Passwords go through ``mosquitto_passwd -b`` (so, for a
@@ -14,9 +14,11 @@ import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .signing import generate_key_pair, load_private_key, public_hex
 from .topics import TopicError, Topics, check_id
 
 ROLES = ("device", "gateway", "cloud", "monitor")
@@ -51,6 +53,10 @@ class Credential:
     hmac_key: str | None  # hex; only nodes with a parent sign
     key_file: Path | None
     parent: str | None
+    #: hex Ed25519 private key that signs this node's models (gateways and the cloud)
+    model_key: str | None = None
+    #: hex Ed25519 public key of the parent's models, when its key is in the keys dir
+    parent_key: str | None = None
 
 
 # ------------------------------------------------------------------ pure rules
@@ -61,13 +67,16 @@ def acl_rules(
 ) -> list[str]:
     """The ``topic`` lines that give ``node_id`` exactly the rights of ``role``.
 
-    A device writes only its own update and status under any gateway (it may
-    move between gateways) and reads model topics; a gateway owns its model,
-    reads its children, and talks to its parent as a child; the cloud is a node
-    without a parent; a monitor only reads metrics and statuses.
+    A device writes only its own update and status under its gateway (``parent``,
+    required: a wildcard would include the cloud's topics) and reads that gateway's
+    model; a gateway owns its model, reads its children, and talks to its parent as
+    a child; the cloud is a node without a parent; a monitor only reads metrics and
+    statuses.
     """
     if role not in ROLES:
         raise CredentialsError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    if role == "device" and parent is None:
+        raise CredentialsError("a device needs --parent GATEWAY: the gateway it reports to")
     t = Topics(prefix)
     p = prefix
     if role == "monitor":
@@ -75,8 +84,8 @@ def acl_rules(
     rules: list[str] = []
     if role in ("gateway", "cloud"):
         rules += _node_rules(t, node_id)
-    if role == "device":
-        rules += _child_rules(p, node_id, parent or "+")
+    if role == "device" and parent is not None:
+        rules += _child_rules(p, node_id, parent)
     if role == "gateway":
         rules += _child_rules(p, node_id, parent or "cloud")
     rules.append(f"topic write {t.metrics(role, node_id)}")
@@ -94,13 +103,11 @@ def _node_rules(t: Topics, node_id: str) -> list[str]:
 
 
 def _child_rules(prefix: str, node_id: str, parent: str) -> list[str]:
-    # ``parent`` may be ``+`` (a device not pinned to one gateway), so these
-    # are spelled here rather than through Topics, which only takes ids.
+    t = Topics(prefix)
     return [
-        f"topic write {prefix}/{parent}/update/{node_id}",
-        f"topic write {prefix}/{parent}/status/{node_id}",
-        f"topic read {prefix}/{parent}/model",
-        f"topic read {prefix}/{parent}/model/chunk/+",
+        f"topic write {t.update(parent, node_id)}",
+        f"topic write {t.status(parent, node_id)}",
+        *(f"topic read {f}" for f in t.model_filters(parent)),
     ]
 
 
@@ -146,7 +153,8 @@ def acl_users(text: str) -> dict[str, str]:
 
 
 def config_lines(cred: Credential, *, broker: str = "CLOUD_HOST:8883") -> str:
-    """What to paste where: the node's own TOML, and the entry its parent needs."""
+    """What to paste where: the node's own TOML, the entry its parent needs, and the
+    ``parent_key`` its children need."""
     out = [f"# --- {cred.role} {cred.id}: its config file (TOML) ---"]
     if cred.role in ("device", "gateway", "cloud"):
         out.append(f'id = "{cred.id}"')
@@ -156,6 +164,14 @@ def config_lines(cred: Credential, *, broker: str = "CLOUD_HOST:8883") -> str:
         out.append(f'parent = "{cred.parent or "cloud"}"')
     if cred.role == "device" and cred.parent:
         out.append(f'gateway = "{cred.parent}"')
+    if cred.parent_key is not None:
+        out.append(f'parent_key = "{cred.parent_key}"')
+    if cred.model_key is not None:
+        out += [
+            "require_signature = true",
+            "# model_key is a secret: rather set EDGEFL_MODEL_KEY in the node's environment",
+            f'model_key = "{cred.model_key}"',
+        ]
     out += [
         "",
         "[mqtt]",
@@ -171,6 +187,14 @@ def config_lines(cred: Credential, *, broker: str = "CLOUD_HOST:8883") -> str:
             f"# --- on {parent}: add under [keys] in its config file ---",
             "[keys]",
             f'{cred.id} = "{cred.hmac_key}"',
+        ]
+    if cred.model_key is not None:
+        children = "device" if cred.role == "gateway" else "gateway"
+        public = public_hex(load_private_key(cred.model_key))
+        out += [
+            "",
+            f"# --- on each {children} of {cred.id}: add at the top of its config file ---",
+            f'parent_key = "{public}"',
         ]
     return "\n".join(out)
 
@@ -190,25 +214,50 @@ def add(
     password: str | None = None,
     rotate_key: bool = False,
 ) -> Credential:
-    """Create or update one broker user, its ACL block and (devices, gateways) its HMAC key.
+    """Create or update one broker user, its ACL block, its HMAC key (devices, gateways)
+    and its model signing key (gateways, the cloud).
 
-    An existing key is kept unless ``rotate_key``: the parent already trusts it.
+    Existing keys are kept unless ``rotate_key``: the parent and the children already
+    trust them. The parent's public model key is looked up in ``keys_dir``.
     """
     node_id, parent = _check_ids(role, node_id, parent)
     try:
         block = acl_block(role, node_id, prefix=prefix, parent=parent)
     except TopicError as exc:
         raise CredentialsError(str(exc)) from None
+    previous = acl_file.read_text() if acl_file.exists() else ""
+    parent_role = acl_users(previous).get(parent or "")
+    if role == "device" and parent_role not in (None, "gateway"):
+        raise CredentialsError(f"--parent {parent} is a {parent_role}, not a gateway")
     password = password or secrets.token_urlsafe(24)
     set_password(passwd_file, node_id, password)
     acl_file.parent.mkdir(parents=True, exist_ok=True)
-    previous = acl_file.read_text() if acl_file.exists() else ""
     _write_atomically(acl_file, upsert_acl(previous, node_id, block), mode=0o644)
-    key, key_file = None, None
+    key, key_file, model_key = None, None, None
     if role in ("device", "gateway"):  # the cloud has no parent to sign for
         key_file = keys_dir / f"{node_id}.key"
         key = _load_or_make_key(key_file, rotate_key)
-    return Credential(role, node_id, password, key, key_file, parent)
+    if role in ("gateway", "cloud"):  # nodes that publish models
+        model_key = _load_or_make_key(model_key_file(keys_dir, node_id), rotate_key, _model_key)
+    parent_key = _parent_key(keys_dir, parent or ("cloud" if role == "gateway" else None))
+    return Credential(role, node_id, password, key, key_file, parent, model_key, parent_key)
+
+
+def model_key_file(keys_dir: Path, node_id: str) -> Path:
+    """Where a node's Ed25519 model signing key is kept (ids have no dots: no clash)."""
+    return keys_dir / f"{node_id}.model.key"
+
+
+def _model_key() -> str:
+    return generate_key_pair()[0]
+
+
+def _parent_key(keys_dir: Path, parent: str | None) -> str | None:
+    """The public half of the parent's model key, if that key is kept here."""
+    path = model_key_file(keys_dir, parent) if parent else None
+    if path is None or not path.exists():
+        return None
+    return public_hex(load_private_key(path.read_text().strip(), str(path)))
 
 
 def _check_ids(role: str, node_id: str, parent: str | None) -> tuple[str, str | None]:
@@ -254,13 +303,15 @@ def share_with_broker(path: Path) -> None:
             pass  # no mosquitto group on this host: the owner runs the broker
 
 
-def _load_or_make_key(path: Path, rotate: bool) -> str:
+def _load_or_make_key(
+    path: Path, rotate: bool, make: Callable[[], str] = lambda: secrets.token_hex(KEY_BYTES)
+) -> str:
     if path.exists() and not rotate:
         key = path.read_text().strip()
         if re.fullmatch(r"[0-9a-f]{64}", key):
             return key
         raise CredentialsError(f"{path} does not hold a 64-digit hex key; use --rotate-key")
-    key = secrets.token_hex(KEY_BYTES)
+    key = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     _write_atomically(path, key + "\n", mode=0o600)
@@ -284,28 +335,31 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser(
         "add",
-        help="create or update a broker user, its ACL block and its signing key",
-        description="Create or update a broker user (name = node id), its ACL block and "
-        "its HMAC key, then print the config lines to paste.",
+        help="create or update a broker user, its ACL block and its signing keys",
+        description="Create or update a broker user (name = node id), its ACL block, "
+        "its HMAC key (devices, gateways) and its Ed25519 model key (gateways, the cloud), "
+        "then print the config lines to paste.",
     )
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--id", dest="node_id", help="node id (default for --role cloud: cloud)")
     p.add_argument(
         "--parent",
-        help="gateway: its parent node (default cloud); device: pin it to this gateway",
+        help="gateway: its parent node (default cloud); device: its gateway (required)",
     )
     p.add_argument(
         "--passwd-file", type=Path, default=Path("passwd"), help="Mosquitto password file"
     )
     p.add_argument("--acl-file", type=Path, default=Path("acl"), help="Mosquitto ACL file")
-    p.add_argument("--keys-dir", type=Path, default=Path("keys"), help="where HMAC keys are kept")
+    p.add_argument("--keys-dir", type=Path, default=Path("keys"), help="where keys are kept")
     p.add_argument("--prefix", default="edgefl", help="topic prefix")
     p.add_argument(
         "--password",
         default=os.environ.get("EDGEFL_NEW_PASSWORD"),
         help="set this password instead of a random one (or EDGEFL_NEW_PASSWORD)",
     )
-    p.add_argument("--rotate-key", action="store_true", help="replace an existing HMAC key")
+    p.add_argument(
+        "--rotate-key", action="store_true", help="replace the node's existing HMAC and model keys"
+    )
     p.add_argument("--broker", default="CLOUD_HOST:8883", help="broker address shown in the config")
 
 
@@ -332,6 +386,8 @@ def main(args: argparse.Namespace) -> int:
     where = f"user {cred.id} in {args.passwd_file} and {args.acl_file}"
     if cred.key_file is not None:
         where += f"; key in {cred.key_file}"
+    if cred.model_key is not None:
+        where += f"; model key in {model_key_file(args.keys_dir, cred.id)}"
     print(f"# {where}; reload the broker (kill -HUP) to apply")
     print(config_lines(cred, broker=args.broker))
     return 0

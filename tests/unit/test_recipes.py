@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from edgefl import credentials
 from edgefl.config import AggregatorSettings, DeviceSettings
+from edgefl.signing import generate_key_pair, load_private_key, public_hex
 from edgefl.topics import Topics
 from edgefl.wire import Reason, Status, decode_metrics, encode_metrics
 
@@ -144,11 +146,11 @@ def _reads(rules: list[str]) -> set[str]:
 
 
 def test_each_role_writes_only_its_own_topics() -> None:
-    device = credentials.acl_rules("device", "dev-7")
+    device = credentials.acl_rules("device", "dev-7", parent="gw-1")
     assert _writes(device) == {
-        "edgefl/+/update/dev-7", "edgefl/+/status/dev-7", T.metrics("device", "dev-7"),
+        T.update("gw-1", "dev-7"), T.status("gw-1", "dev-7"), T.metrics("device", "dev-7"),
     }  # fmt: skip
-    assert _reads(device) == {"edgefl/+/model", "edgefl/+/model/chunk/+"}
+    assert _reads(device) == set(T.model_filters("gw-1"))
     gateway = credentials.acl_rules("gateway", "gw-2")
     assert _writes(gateway) == {
         *T.model_filters("gw-2"), T.update("cloud", "gw-2"), T.status("cloud", "gw-2"),
@@ -165,13 +167,14 @@ def test_each_role_writes_only_its_own_topics() -> None:
 
 
 def test_adding_a_user_again_replaces_its_block_and_keeps_the_others() -> None:
-    text = credentials.upsert_acl("", "dev-1", credentials.acl_block("device", "dev-1"))
+    first = credentials.acl_block("device", "dev-1", parent="gw-9")
+    text = credentials.upsert_acl("", "dev-1", first)
     text = credentials.upsert_acl(text, "gw-1", credentials.acl_block("gateway", "gw-1"))
     pinned = credentials.acl_block("device", "dev-1", parent="gw-1")
     again = credentials.upsert_acl(text, "dev-1", pinned)
     assert credentials.acl_users(again) == {"dev-1": "device", "gw-1": "gateway"}
     assert "topic write edgefl/gw-1/update/dev-1" in again
-    assert "topic write edgefl/+/update/dev-1" not in again
+    assert "topic write edgefl/gw-9/update/dev-1" not in again
     assert again.startswith(credentials.ACL_HEADER.splitlines()[0])
     assert "\n\n\n" not in again
 
@@ -199,7 +202,7 @@ def test_a_missing_mosquitto_passwd_is_reported_with_how_to_install_it(
     from edgefl.cli import main
 
     monkeypatch.setenv("PATH", str(tmp_path))
-    argv = ["credentials", "add", "--role", "device", "--id", "dev-7",
+    argv = ["credentials", "add", "--role", "device", "--id", "dev-7", "--parent", "gw-1",
             "--passwd-file", str(tmp_path / "passwd"), "--acl-file", str(tmp_path / "acl"),
             "--keys-dir", str(tmp_path / "keys")]  # fmt: skip
     assert main(argv) == 2
@@ -214,16 +217,88 @@ def _sections(printed: str) -> list[str]:
 
 def test_printed_config_lines_load_as_the_nodes_settings() -> None:
     key = "ab" * 32
-    device = credentials.Credential("device", "dev-7", "pw", key, None, "gw-2")
+    gw_private, gw_public = generate_key_pair()
+    cloud_public = generate_key_pair()[1]
+    device = credentials.Credential(
+        "device", "dev-7", "pw", key, None, "gw-2", parent_key=gw_public
+    )
     own, parents = map(tomllib.loads, _sections(credentials.config_lines(device)))
     settings = DeviceSettings(**own)
     assert (settings.id, settings.gateway, settings.hmac_key) == ("dev-7", "gw-2", key)
     assert (settings.mqtt.username, settings.mqtt.password) == ("dev-7", "pw")
+    assert settings.parent_key == gw_public
     assert AggregatorSettings(id="gw-2", **parents).keys == {"dev-7": key}
-    gateway = credentials.Credential("gateway", "gw-2", "pw", key, None, None)
-    own, parents = map(tomllib.loads, _sections(credentials.config_lines(gateway)))
-    assert AggregatorSettings(**own).parent == "cloud"
+    gateway = credentials.Credential(
+        "gateway", "gw-2", "pw", key, None, None, model_key=gw_private, parent_key=cloud_public
+    )
+    own, parents, children = map(tomllib.loads, _sections(credentials.config_lines(gateway)))
+    node = AggregatorSettings(**own)
+    assert (node.parent, node.model_key, node.parent_key) == ("cloud", gw_private, cloud_public)
+    assert node.require_signature
     assert AggregatorSettings(id="cloud", tier="cloud", **parents).keys == {"gw-2": key}
+    assert DeviceSettings(id="dev-8", **children).parent_key == gw_public
+    cloud_private, cloud_public = generate_key_pair()
+    cloud = credentials.Credential(
+        "cloud", "cloud", "pw", None, None, None, model_key=cloud_private
+    )
+    own, children = map(tomllib.loads, _sections(credentials.config_lines(cloud)))
+    assert AggregatorSettings(tier="cloud", **own).model_key == cloud_private
+    assert AggregatorSettings(id="gw-3", **children).parent_key == cloud_public
+
+
+def _add(tmp_path: Path, role: str, node_id: str, parent: str | None = None) -> Any:
+    return credentials.add(
+        role, node_id, passwd_file=tmp_path / "passwd", acl_file=tmp_path / "acl",
+        keys_dir=tmp_path / "keys", parent=parent,
+    )  # fmt: skip
+
+
+def test_a_device_without_a_parent_is_refused_in_one_line_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgefl.cli import main
+
+    argv = ["credentials", "add", "--role", "device", "--id", "dev-7",
+            "--passwd-file", str(tmp_path / "passwd"), "--acl-file", str(tmp_path / "acl"),
+            "--keys-dir", str(tmp_path / "keys")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--parent" in err, err
+    assert not (tmp_path / "passwd").exists() and not (tmp_path / "acl").exists()
+    with pytest.raises(credentials.CredentialsError, match="--parent"):
+        credentials.acl_rules("device", "dev-7")
+
+
+def test_a_device_is_not_pinned_under_a_node_that_is_not_a_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(credentials, "set_password", lambda *args: None)
+    _add(tmp_path, "cloud", "cloud")
+    _add(tmp_path, "device", "dev-1", "gw-1")
+    for parent in ("cloud", "dev-1"):
+        with pytest.raises(credentials.CredentialsError, match="not a gateway"):
+            _add(tmp_path, "device", "dev-7", parent)
+    assert "dev-7" not in credentials.acl_users((tmp_path / "acl").read_text())
+
+
+def test_gateways_and_the_cloud_keep_a_model_key_and_children_are_told_its_public_half(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(credentials, "set_password", lambda *args: None)
+    cloud = _add(tmp_path, "cloud", "cloud")
+    gateway = _add(tmp_path, "gateway", "gw-1")
+    device = _add(tmp_path, "device", "dev-1", "gw-1")
+    for node in (cloud, gateway):
+        key_file = tmp_path / "keys" / f"{node.id}.model.key"
+        assert key_file.read_text().strip() == node.model_key
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert device.model_key is None and device.hmac_key is not None
+    assert gateway.parent_key == public_hex(load_private_key(cloud.model_key))
+    assert device.parent_key == public_hex(load_private_key(gateway.model_key))
+    assert _add(tmp_path, "gateway", "gw-1").model_key == gateway.model_key  # kept
+    lone = _add(tmp_path, "device", "dev-2", "gw-5")  # its gateway has no key here yet
+    assert lone.parent_key is None
+    assert "parent_key" not in tomllib.loads(_sections(credentials.config_lines(lone))[0])
 
 
 # ----------------------------------------------------------------------- docs
