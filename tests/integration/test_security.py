@@ -44,6 +44,7 @@ T = Topics()
 USERS = {
     "cloud": ("cloud", None),
     "gw-1": ("gateway", None),
+    "gw-2": ("gateway", None),
     "dev-1": ("device", "gw-1"),
     "dev-2": ("device", "gw-1"),
     "mon": ("monitor", None),
@@ -138,8 +139,8 @@ FORBIDDEN = [
     ("dev-1", T.status("gw-1", "dev-2")),  # another device's status
     ("dev-1", T.model("gw-1")),  # a model
     ("dev-1", T.metrics("gateway", "gw-1")),  # another node's metrics
-    ("gw-1", T.update("cloud", "gw-2")),  # another gateway's sync
-    ("gw-1", T.model("cloud")),  # the global model
+    ("gw-2", T.update("cloud", "gw-1")),  # another gateway's sync
+    ("gw-2", T.model("cloud")),  # the global model
     ("mon", T.status("gw-1", "dev-2")),  # a monitor writes nothing
 ]
 
@@ -148,9 +149,12 @@ async def test_the_broker_drops_forbidden_publishes_and_disconnects_their_sender
     secure: ConfBroker,
 ) -> None:
     s = lambda user: settings_for(secure, user)  # noqa: E731
+    # No intruder logs in as an observer: the broker would hand it the observer's session.
+    watched = (T.updates_of("gw-1"), T.statuses_of("gw-1"), T.model("cloud"))
     async with (
-        client(s("gw-1"), "gw", T.updates_of("gw-1"), T.statuses_of("gw-1")) as gateway,
+        client(s("gw-1"), "gw", *watched) as gateway,
         client(s("dev-2"), "victim", T.model("gw-1")) as victim,
+        client(s("cloud"), "cloud", T.updates_of("cloud")) as cloud,
     ):
         for user, topic in FORBIDDEN:
             async with aiomqtt.Client(
@@ -168,12 +172,51 @@ async def test_the_broker_drops_forbidden_publishes_and_disconnects_their_sender
         async with client(s("dev-1"), "dev-1") as device:
             await device.transport.publish(T.update("gw-1", "dev-1"), b"own update")
         await gateway.transport.publish(T.model("gw-1"), b"real model", retain=True)
-        await gateway.until(lambda m: len(m) >= 1, timeout=10)
-        await victim.until(lambda m: len(m) >= 1, timeout=10)
+        await gateway.transport.publish(T.update("cloud", "gw-1"), b"own sync")
+        for inbox in (gateway, victim, cloud):
+            await inbox.until(lambda m: len(m) >= 1, timeout=10)
     assert [(m.topic, m.payload) for m in gateway.messages] == [
         (T.update("gw-1", "dev-1"), b"own update")
     ]
     assert [m.payload for m in victim.messages] == [b"real model"]
+    assert [(m.topic, m.payload) for m in cloud.messages] == [
+        (T.update("cloud", "gw-1"), b"own sync")
+    ]
+
+
+# ----------------------------------------------------------------- client ids
+
+
+def login(secure: ConfBroker, user: str, identifier: str, **kwargs: Any) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "127.0.0.1", secure.port, username=user, password=secure.passwords[user],
+        identifier=identifier, **kwargs,
+    )  # fmt: skip
+
+
+async def test_a_user_cannot_take_over_another_users_client_id_or_session(
+    secure: ConfBroker,
+) -> None:
+    """The broker names every session after its user: another user's id is no way in."""
+    gateway_id = "edgefl-gateway-gw-1"  # what the aggregator node asks for
+    update = T.update("gw-1", "dev-2")
+    async with login(secure, "gw-1", gateway_id, clean_session=False) as gw:
+        await gw.subscribe(T.updates_of("gw-1"), qos=1)
+    # gw-1 is away; its persistent session keeps what arrives meanwhile.
+    async with client(settings_for(secure, "mon"), "mon", T.status("gw-1", "dev-2")) as watcher:
+        offline = aiomqtt.Will(T.status("gw-1", "dev-2"), b"offline", qos=1, retain=True)
+        async with login(secure, "dev-2", "dev-2", will=offline) as victim:
+            await victim.publish(update, b"queued for gw-1", qos=1)
+            for target in ("dev-2", gateway_id):
+                async with login(secure, "dev-1", target, clean_session=True) as intruder:
+                    await intruder.publish(T.status("gw-1", "dev-1"), b"intruder", qos=1)
+            await victim.publish(T.status("gw-1", "dev-2"), b"still here", qos=1)
+        await watcher.until(lambda m: any(x.payload == b"still here" for x in m), timeout=10)
+    assert [m.payload for m in watcher.messages] == [b"still here"]  # no will fired
+    async with login(secure, "gw-1", gateway_id, clean_session=False) as gw:
+        async with asyncio.timeout(10):
+            message = await anext(aiter(gw.messages))
+    assert (str(message.topic), message.payload) == (update, b"queued for gw-1")
 
 
 # ---------------------------------------------------------------------- HMAC
