@@ -26,6 +26,8 @@ from .topics import ID_RE, Topics
 from .wire import TrainConfig
 
 LinkType = Literal["ethernet", "wifi", "cellular", "unknown"]
+#: An Ed25519 key, private or public, in hex (``edgefl.signing``).
+KEY_PATTERN = r"^[0-9a-fA-F]{64}$"
 
 
 class ConfigError(ValueError):
@@ -135,6 +137,17 @@ class DeviceSettings(_RoleSettings):
     hmac_key: str | None = Field(None, description="hex key to sign updates (HMAC-SHA256)")
     outbox_max_entries: int = Field(1000, ge=1, description="oldest dropped beyond this")
     outbox_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    parent_key: str | None = Field(
+        None,
+        pattern=KEY_PATTERN,
+        description="hex Ed25519 public key of the gateway: only models it signed are taken",
+    )
+    max_version_jump: int = Field(
+        100, ge=0, description="refuse an unsigned model more versions ahead of the one held"
+    )
+    max_epochs: int = Field(20, ge=1, description="most local epochs a model may ask for")
+    min_batch_size: int = Field(8, ge=1, description="smallest batch size a model may ask for")
+    max_train_s: float = Field(300.0, gt=0, description="a round's training is stopped after this")
     policy: PolicySettings = Field(default_factory=PolicySettings)
 
 
@@ -159,11 +172,41 @@ class AggregatorSettings(_RoleSettings):
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     staleness_a: float = Field(0.5, ge=0)
     staleness_b: int = Field(4, ge=0)
-    rule: Literal["fedavg", "median", "trimmed_mean"] = Field(
-        "fedavg", description="aggregation rule; robust rules hold every update in memory"
+    rule: Literal["fedavg", "median", "trimmed_mean", "krum"] = Field(
+        "fedavg",
+        description="fedavg (norm-bounded, streaming), median, trimmed_mean or krum "
+        "(multi-Krum); the last three hold one update per child until the close",
     )
     trim: float = Field(0.1, ge=0, lt=0.5, description="fraction trimmed at each end")
-    max_update_norm: float | None = Field(None, gt=0, description="poisoning guard (L2)")
+    byzantine: int = Field(1, ge=0, description="krum: children assumed hostile per round")
+    max_weight_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="no child holds more than this share of a round's total weight "
+        "(1: off); with fewer than 1/share children, weights are equal",
+    )
+    max_samples: int = Field(
+        100_000, ge=1, description="cap on any child's sample count (its weight)"
+    )
+    clip_factor: float = Field(
+        2.0,
+        ge=0,
+        description="clip each delta to this multiple of the median norm of recently "
+        "accepted updates (0: off)",
+    )
+    max_update_norm: float | None = Field(
+        None, gt=0, description="reject deltas with a larger L2 norm (absolute; none: off)"
+    )
+    max_children: int = Field(
+        10_000, ge=1, description="children remembered; long-offline ones are evicted first"
+    )
+    max_misses: int = Field(
+        3,
+        ge=1,
+        description="rounds a child may be waited for in vain before it is no longer "
+        "waited for (until it delivers again)",
+    )
     max_update_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     evaluate: bool | None = Field(None, description="held-out evaluation (default: cloud only)")
     keys: dict[str, str] = Field(
@@ -171,6 +214,20 @@ class AggregatorSettings(_RoleSettings):
     )
     require_signature: bool = Field(False, description="reject unsigned updates")
     hmac_key: str | None = Field(None, description="hex key to sign this node's sync updates")
+    model_key: str | None = Field(
+        None,
+        pattern=KEY_PATTERN,
+        description="hex Ed25519 private key that signs the models this node publishes "
+        "(a secret: EDGEFL_MODEL_KEY)",
+    )
+    parent_key: str | None = Field(
+        None,
+        pattern=KEY_PATTERN,
+        description="hex Ed25519 public key of the parent: only models it signed are adopted",
+    )
+    max_version_jump: int = Field(
+        100, ge=0, description="refuse an unsigned parent model more versions ahead than this"
+    )
     downlink_dtype: Literal["f32", "f16"] = "f32"
     update_dtype: Literal["u8", "f32"] = "u8"
     checkpoint: bool = Field(True, description="checkpoint to state_dir after each round")

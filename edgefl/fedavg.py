@@ -1,14 +1,12 @@
-"""Federated averaging: a streaming weighted sum, staleness weights, robust rules.
+"""Federated averaging: a streaming weighted sum, staleness weights, update norms.
 
 Pure numpy (torch for the quantized fold) over ``(delta, weight)`` pairs; never
-imports asyncio or MQTT.
-``StreamingAverage`` holds O(model) memory whatever the number of updates;
-the robust rules (median, trimmed mean) must hold every update to sort them.
+imports asyncio or MQTT. ``StreamingAverage`` holds O(model) memory whatever the
+number of updates; the robust rules live in ``robust``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
@@ -16,7 +14,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from .params import Params, l2_norm
+from .params import Params
 from .wire import QTensor
 
 StalenessKind = Literal["constant", "polynomial", "hinge"]
@@ -41,12 +39,6 @@ def staleness_weight(
     raise ValueError(f"unknown staleness function {kind!r}")
 
 
-def within_norm(delta: Mapping[str, np.ndarray], max_norm: float | None) -> bool:
-    """The poisoning guard: is the update's L2 norm finite and at most ``max_norm``?"""
-    norm = l2_norm(delta)
-    return math.isfinite(norm) and (max_norm is None or norm <= max_norm)
-
-
 class Aggregate(Protocol):
     """What a node folds updates into during a round."""
 
@@ -54,7 +46,9 @@ class Aggregate(Protocol):
     total_weight: float
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None: ...
-    def add_quantized(self, tensors: Sequence[QTensor], weight: float) -> None: ...
+    def add_quantized(
+        self, tensors: Sequence[QTensor], weight: float, scale: float = 1.0
+    ) -> None: ...
     def result(self) -> Params: ...
 
 
@@ -75,14 +69,63 @@ _TORCH_DTYPES = {np.uint8: torch.uint8, np.float32: torch.float32}
 
 
 def _fold(
-    pair: tuple[np.ndarray, torch.Tensor], q: bytes, dtype: type[np.generic], coef: float
+    pair: tuple[np.ndarray, torch.Tensor],
+    q: bytes,
+    dtype: type[np.generic],
+    coef: float,
+    widened: torch.Tensor | None = None,
 ) -> None:
-    """``block += coef * q`` for little-endian ``q`` of ``dtype``, in float32."""
+    """``block += coef * q`` for little-endian ``q`` of ``dtype``, in float32.
+
+    ``widened`` is ``q`` already in float32 (``Scratch`` left it there for the norm).
+    """
     block, view = pair
-    if block.size >= TORCH_FOLD_MIN:
+    if widened is not None:
+        view.add_(widened, alpha=coef)
+    elif block.size >= TORCH_FOLD_MIN:
         view.add_(torch.frombuffer(q, dtype=_TORCH_DTYPES[dtype]), alpha=coef)
     else:
         block += np.frombuffer(q, dtype) * np.float32(coef)
+
+
+class Scratch:
+    """Reused float32 buffers, one per tensor name: an update's squared norm widens its
+    uint8 values once, and a fold right after reads them instead of the bytes again."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.names: set[str] = set()  # whose buffer holds the update measured last
+
+    def squared_norm(self, tensors: Sequence[QTensor]) -> float:
+        """``||lo + scale*q||^2`` of a delta in float64 from float32 sums (inf if absurd).
+
+        For uint8: ``N lo^2 + 2 lo scale sum(q) + scale^2 sum(q^2)``: one widening pass
+        and two reductions, no dequantized copy.
+        """
+        self.names.clear()
+        total = 0.0
+        for t in tensors:
+            if t.dtype == "f32":
+                x = np.frombuffer(t.q, dtype="<f4")
+                total += float(np.dot(x, x))
+                continue
+            q = torch.frombuffer(t.q, dtype=torch.uint8)
+            if q.numel() >= TORCH_FOLD_MIN:
+                buf = self._buffers.get(t.name)
+                if buf is None or buf.numel() != q.numel():
+                    buf = self._buffers[t.name] = torch.empty(q.numel())
+                buf.copy_(q)
+                self.names.add(t.name)
+                s1, s2 = float(buf.sum()), float(buf.dot(buf))
+            else:
+                a = np.frombuffer(t.q, dtype=np.uint8).astype(np.float64)
+                s1, s2 = float(a.sum()), float(np.dot(a, a))
+            lo, sc = float(t.lo), float(t.scale)
+            total += max(0.0, q.numel() * lo * lo + 2.0 * lo * sc * s1 + sc * sc * s2)
+        return total
+
+    def widened(self, name: str) -> torch.Tensor | None:
+        return self._buffers[name] if name in self.names else None
 
 
 class StreamingAverage:
@@ -119,8 +162,15 @@ class StreamingAverage:
         self.count += 1
         self.total_weight += weight
 
-    def add_quantized(self, tensors: Sequence[QTensor], weight: float) -> None:
-        """Fold wire tensors without building a float copy: ``w*lo + (w*scale)*q``.
+    def add_quantized(
+        self,
+        tensors: Sequence[QTensor],
+        weight: float,
+        scale: float = 1.0,
+        scratch: Scratch | None = None,
+    ) -> None:
+        """Fold wire tensors, times ``scale`` (a clip), without a float copy: ``c*lo + (c*s)*q``
+        with ``c = weight * scale``; ``weight`` alone joins the total.
 
         On the receive path of every aggregator: per tensor one dict lookup and one
         multiply-add from the payload's bytes into a preallocated block; fused in
@@ -130,6 +180,7 @@ class StreamingAverage:
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
         blocks = self._blocks
+        coef = weight * scale
         for t in tensors:
             pair = blocks.get(t.name)
             if pair is None:
@@ -137,11 +188,12 @@ class StreamingAverage:
                 block = np.zeros(size, np.float32)
                 pair = blocks[t.name] = (block, torch.from_numpy(block))
             if t.dtype == "u8":
-                self._offset[t.name] = self._offset.get(t.name, 0.0) + weight * t.lo
+                self._offset[t.name] = self._offset.get(t.name, 0.0) + coef * t.lo
                 if t.scale:
-                    _fold(pair, t.q, np.uint8, weight * t.scale)
+                    wide = scratch.widened(t.name) if scratch is not None else None
+                    _fold(pair, t.q, np.uint8, coef * t.scale, wide)
             else:
-                _fold(pair, t.q, np.float32, weight)
+                _fold(pair, t.q, np.float32, coef)
         self.count += 1
         self.total_weight += weight
         self._in_block += 1
@@ -163,60 +215,6 @@ class StreamingAverage:
             n: ((acc + self._offset.get(n, 0.0)) / self.total_weight).astype(np.float32)
             for n, acc in self._sum.items()
         }
-
-
-class RobustAverage:
-    """Coordinate-wise median or trimmed mean; holds every update (O(model x updates)).
-
-    Weights are ignored by these rules: a poisoner could inflate its ``n``.
-    """
-
-    def __init__(self, rule: Literal["median", "trimmed_mean"], trim: float = 0.1) -> None:
-        if rule not in ("median", "trimmed_mean"):
-            raise ValueError(f"unknown robust rule {rule!r}")
-        if not 0 <= trim < 0.5:
-            raise ValueError(f"trim must be in [0, 0.5), got {trim}")
-        self.rule = rule
-        self.trim = trim
-        self._deltas: list[Mapping[str, np.ndarray]] = []
-        self.count = 0
-        self.total_weight = 0.0
-
-    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
-        self._deltas.append({n: np.asarray(a, np.float32) for n, a in delta.items()})
-        self.count += 1
-        self.total_weight += weight
-
-    def add_quantized(self, tensors: Sequence[QTensor], weight: float) -> None:
-        from .quant import dequantize_params
-
-        self.add(dequantize_params(tensors), weight)
-
-    def result(self) -> Params:
-        if not self._deltas:
-            raise ValueError("no updates to average")
-        if self.rule == "median":
-            return coordinate_median(self._deltas)
-        return trimmed_mean(self._deltas, self.trim)
-
-
-def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
-    return np.stack([d[name] for d in deltas]).astype(np.float32)
-
-
-def coordinate_median(deltas: Sequence[Mapping[str, np.ndarray]]) -> Params:
-    """Coordinate-wise median of the deltas."""
-    return {n: np.median(_stack(deltas, n), axis=0).astype(np.float32) for n in deltas[0]}
-
-
-def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim: float) -> Params:
-    """Coordinate-wise mean after dropping the ``trim`` fraction at each end."""
-    k = math.floor(trim * len(deltas))
-    out: Params = {}
-    for n in deltas[0]:
-        s = np.sort(_stack(deltas, n), axis=0)
-        out[n] = s[k : len(deltas) - k].mean(axis=0).astype(np.float32)
-    return out
 
 
 def weighted_average(pairs: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Params:

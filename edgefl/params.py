@@ -38,6 +38,11 @@ def l2_norm(params: Mapping[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in params.values())))
 
 
+def is_finite(params: Mapping[str, np.ndarray]) -> bool:
+    """Whether every value of every tensor is finite."""
+    return all(bool(np.isfinite(a).all()) for a in params.values())
+
+
 def copy(params: Mapping[str, np.ndarray]) -> Params:
     return {name: np.array(arr, dtype=np.float32, copy=True) for name, arr in params.items()}
 

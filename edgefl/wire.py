@@ -42,8 +42,8 @@ class Reason(str, enum.Enum):
     BAD_SIGNATURE = "bad_signature"
     NORM = "norm"
     CHUNK_TIMEOUT = "chunk_timeout"
-    #: a second update from the same sender in one round: the fresher one is kept.
-    SUPERSEDED = "superseded"
+    #: a third update from one sender in one round (one is folded, one carried over).
+    REPEAT = "repeat"
     #: a model whose version goes back, or jumps further ahead than allowed.
     VERSION = "version"
 

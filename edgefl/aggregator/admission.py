@@ -1,14 +1,15 @@
 """Admission of children's updates: every check between raw bytes and the fold.
 
-``UpdateGate.admit`` turns untrusted bytes into an accepted update with its
-staleness weight, or raises ``UpdateRejected`` with the reason. Pure apart from
-the per-sender last seq it keeps; it never folds, logs or touches the network.
+``UpdateGate.admit`` turns untrusted bytes into an accepted update with its capped
+sample count and norm, or raises ``UpdateRejected`` with the reason. Pure apart
+from the ledger of taken updates; it never folds or touches the network.
+``Rejections`` counts and logs what was refused, in bounded log lines.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,40 +19,29 @@ import numpy as np
 from ..config import AggregatorSettings
 from ..fedavg import StalenessKind, staleness_weight
 from ..params import Spec
-from ..wire import QTensor, Reason, Update, UpdateRejected, decode_update, verify
+from ..wire import MAX_COUNTER, QTensor, Reason, Update, UpdateRejected, decode_update, verify
+from .ledger import Ledger
 
-log = logging.getLogger("edgefl.aggregator")
-#: (sender, reason) pairs remembered for log-once; beyond this, rejections are only counted.
+log = logging.getLogger(__name__)
+#: (sender, reason) pairs of known children remembered for log-once.
 MAX_LOGGED = 10_000
+#: Unknown senders logged one by one; past this, one summary line per reason and period.
+MAX_LOGGED_UNKNOWN = 20
+SUMMARY_S = 60.0
 
 _F32_MAX = float(np.finfo(np.float32).max)
+#: Deltas with a longer L2 norm are refused as non-finite: with weights up to 2**53 and
+#: 64 updates summed per float32 block, the fold then stays below float32's range.
+FOLD_NORM_LIMIT = 1e15
 
 
 @dataclass(frozen=True)
 class Admitted:
-    """An update that passed every check, and the weight it folds with."""
+    """An update that passed every check, its sample count as capped, and its norm."""
 
     update: Update
-    staleness: int
-    weight: float
-
-
-def squared_norm(tensors: Sequence[QTensor]) -> float:
-    """``||lo + scale*q||^2`` of a delta as it will be folded, in float32 (a bound, not a sum).
-
-    One temporary float32 copy of one tensor at a time; float32 is plenty to compare
-    against a norm limit.
-    """
-    total = 0.0
-    for t in tensors:
-        if t.dtype == "f32":
-            x = np.frombuffer(t.q, dtype="<f4")
-        else:
-            q = np.frombuffer(t.q, dtype=np.uint8)
-            x = np.multiply(q, np.float32(t.scale), dtype=np.float32)
-            x += np.float32(t.lo)
-        total += float(np.dot(x, x))
-    return total
+    samples: int
+    norm: float
 
 
 def dequantized_finite(tensors: Sequence[QTensor]) -> bool:
@@ -70,11 +60,12 @@ class UpdateGate:
     """Decodes and checks children's updates in the order of the design's rejection list.
 
     Checks: decode (malformed, oversized, shape, non-finite ``lo``/``scale``),
-    topic sender and allow-list (unknown_sender), ``seq`` not above the last one
-    accepted from that sender (duplicate), ``0 <= version - base <= max_staleness``
-    (stale), signature (bad_signature), dequantized values and norm (nonfinite,
-    norm). ``last_seq`` moves only when an update is admitted, so a rejected
-    update never shadows a later valid one.
+    topic sender and allow-list (unknown_sender), signature (bad_signature, before
+    anything that trusts the content), ``(inc, seq)`` taken or settled already
+    (duplicate), ``0 <= version - base <= max_staleness`` (stale), dequantized values
+    and norm (nonfinite; above the absolute ``max_norm``: norm). The sample count is
+    capped by ``bound(sender)``. The ledger moves only when an update is admitted, so
+    a rejected update never shadows a later valid one.
     """
 
     def __init__(
@@ -90,7 +81,7 @@ class UpdateGate:
         require_signature: bool = False,
         max_norm: float | None = None,
         allowed: frozenset[str] | None = None,
-        last_seq: Mapping[str, int] | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.spec = spec
         self.max_bytes = max_bytes
@@ -103,7 +94,7 @@ class UpdateGate:
         self.require_signature = require_signature
         self.max_norm = max_norm
         self.allowed = allowed or None
-        self.last_seq: dict[str, int] = dict(last_seq or {})
+        self.ledger = ledger if ledger is not None else Ledger()
 
     @classmethod
     def from_settings(cls, settings: AggregatorSettings, spec: Spec) -> UpdateGate:
@@ -118,7 +109,25 @@ class UpdateGate:
             require_signature=settings.require_signature,
             max_norm=settings.max_update_norm,
             allowed=frozenset(settings.children) or None,
+            ledger=Ledger(settings.max_children),
         )
+
+    @property
+    def credentialed(self) -> frozenset[str] | None:
+        """The only children that may exist, when the settings say: the allow-list, or with
+        signatures required and no ``*`` key, the ids holding a key. None: any id."""
+        if self.allowed is not None:
+            return self.allowed
+        if self.require_signature and self.keys and "*" not in self.keys:
+            return frozenset(self.keys)
+        return None
+
+    def weight(self, admitted: Admitted, version: int) -> float:
+        """The FedAvg weight at model ``version``: capped samples times the staleness factor."""
+        staleness = version - admitted.update.base
+        if not 0 <= staleness <= self.max_staleness:
+            raise UpdateRejected(Reason.STALE, f"base {admitted.update.base} at version {version}")
+        return admitted.samples * self._weights[staleness]
 
     def admit(
         self,
@@ -126,6 +135,9 @@ class UpdateGate:
         topic_sender: str,
         version: int,
         known: Callable[[str], bool] = lambda _: True,
+        *,
+        bound: Callable[[str], int] = lambda _: MAX_COUNTER,
+        measure: Callable[[Sequence[QTensor]], float] | None = None,
     ) -> Admitted:
         """Check one update received on ``.../update/{topic_sender}`` at model ``version``."""
         update = decode_update(payload, self.spec, max_bytes=self.max_bytes)
@@ -136,23 +148,23 @@ class UpdateGate:
             )
         if not (sender in self.allowed if self.allowed is not None else known(sender)):
             raise UpdateRejected(Reason.UNKNOWN_SENDER, f"{sender!r} is not a known child")
-        last = self.last_seq.get(sender, -1)
-        if update.seq <= last:
-            raise UpdateRejected(Reason.DUPLICATE, f"seq {update.seq} <= {last}")
+        self._check_signature(update)
+        if self.ledger.seen(sender, update.inc, update.seq):
+            raise UpdateRejected(Reason.DUPLICATE, f"seq {update.seq} (inc {update.inc}) again")
         staleness = version - update.base
         if not 0 <= staleness <= self.max_staleness:
             raise UpdateRejected(
                 Reason.STALE, f"base {update.base} at version {version} (max {self.max_staleness})"
             )
-        self._check_signature(update)
         if not dequantized_finite(update.tensors):
             raise UpdateRejected(Reason.NONFINITE, "lo + scale*q overflows float32")
-        if self.max_norm is not None:
-            norm = math.sqrt(squared_norm(update.tensors))
-            if not norm <= self.max_norm:
-                raise UpdateRejected(Reason.NORM, f"norm {norm:.4g} > {self.max_norm:.4g}")
-        self.last_seq[sender] = update.seq
-        return Admitted(update, staleness, update.n * self._weights[staleness])
+        norm = measure(update.tensors) if measure is not None else 0.0
+        if not norm <= FOLD_NORM_LIMIT:
+            raise UpdateRejected(Reason.NONFINITE, f"norm {norm:.3g} would overflow the fold")
+        if self.max_norm is not None and not norm <= self.max_norm:
+            raise UpdateRejected(Reason.NORM, f"norm {norm:.4g} > {self.max_norm:.4g}")
+        self.ledger.take(sender, update.inc, update.seq)
+        return Admitted(update, max(1, min(update.n, bound(sender))), norm)
 
     def _check_signature(self, update: Update) -> None:
         key = self.keys.get(update.sender, self.keys.get("*"))
@@ -163,23 +175,67 @@ class UpdateGate:
 
 
 class Rejections:
-    """Rejected updates counted by reason, each (sender, reason) logged once at WARNING."""
+    """Refused messages counted by reason, logged at WARNING in bounded lines.
 
-    def __init__(self, node: str) -> None:
+    A known child's (sender, reason) is logged once. Unknown senders (random ids
+    cost an attacker nothing) get ``MAX_LOGGED_UNKNOWN`` lines in all; after that,
+    one summary line per reason every ``SUMMARY_S`` with how many and from how many.
+    """
+
+    def __init__(self, node: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.node = node
         self.counts: Counter[Reason] = Counter()
+        self._clock = clock
         self._logged: set[tuple[str, Reason]] = set()
+        self._unknown_logged = 0
+        self._quiet: Counter[Reason] = Counter()
+        self._quiet_senders: dict[Reason, set[str]] = {}
+        self._summary_at = clock() + SUMMARY_S
 
-    def add(self, sender: str, exc: UpdateRejected) -> None:
+    def add(self, sender: str, exc: UpdateRejected, *, known: bool = True) -> None:
         self.counts[exc.reason] += 1
         key = (sender[:64], exc.reason)
-        if key in self._logged or len(self._logged) >= MAX_LOGGED:
+        if key in self._logged:
             return
-        self._logged.add(key)
+        if known and len(self._logged) < MAX_LOGGED:
+            self._logged.add(key)
+            self._warn(key, exc)
+        elif not known and self._unknown_logged < MAX_LOGGED_UNKNOWN:
+            self._unknown_logged += 1
+            self._logged.add(key)
+            self._warn(key, exc)
+        else:
+            self._quiet[exc.reason] += 1
+            senders = self._quiet_senders.setdefault(exc.reason, set())
+            if len(senders) < 1000:
+                senders.add(key[0])
+        self.summarize()
+
+    def _warn(self, key: tuple[str, Reason], exc: UpdateRejected) -> None:
         log.warning(
-            "%s: update from %r rejected (%s): %s; further ones are only counted",
+            "%s: message from %r rejected (%s): %s; further ones are only counted",
             self.node,
             key[0],
             exc.reason.value,
             exc.detail,
         )
+
+    def summarize(self) -> None:
+        """Log what was only counted since the last summary, once its period is over."""
+        now = self._clock()
+        if now < self._summary_at:
+            return
+        self._summary_at = now + SUMMARY_S
+        for reason, count in sorted(self._quiet.items()):
+            senders = self._quiet_senders.get(reason, set())
+            many = f"{len(senders)}+" if len(senders) >= 1000 else str(len(senders))
+            log.warning(
+                "%s: %d more messages rejected (%s) from %s senders, e.g. %r",
+                self.node,
+                count,
+                reason.value,
+                many,
+                min(senders) if senders else "?",
+            )
+        self._quiet.clear()
+        self._quiet_senders.clear()

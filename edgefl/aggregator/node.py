@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 from ..checkpoint import CheckpointStore, NodeState
 from ..config import AggregatorSettings, ConfigError
 from ..outbox import Outbox
-from ..params import Params, num_parameters, spec_of
+from ..params import Params, is_finite, num_parameters, spec_of
 from ..profiles import OsReader
+from ..robust import NormWindow
+from ..signing import check_model, load_private_key, load_public_key, sign_model
 from ..supervise import first_completed, wait_event
 from ..tasks import Task, load_task, set_torch_threads
 from ..telemetry import Telemetry, last_will
@@ -38,9 +41,11 @@ from ..wire import (
     model_tensors,
 )
 from .admission import Rejections, UpdateGate
+from .fold import FoldStats, RoundFold
+from .ledger import Ledger
 from .parent import ParentLink, PendingSync
 from .report import evaluation_fields, round_fields, round_story
-from .rounds import CloseReason, Round, apply_delta, make_aggregate
+from .rounds import CloseReason, Round, apply_delta
 from .selection import Children, select
 from .uplink import Uplink
 
@@ -92,9 +97,10 @@ class Aggregator:
         self.aggregations = 0
         self.last_selected: dict[str, int] = {}
         nparams = num_parameters(self.params)
-        self.children = Children.from_settings(settings, nparams)
         self.gate = UpdateGate.from_settings(settings, self.spec)
+        self.children = Children.from_settings(settings, nparams, self.gate.credentialed)
         self.rejected = Rejections(self.id)
+        self.norms = NormWindow()  # recently accepted update norms: the clip bound
         self.round = self._next_round(0)
         self.state_dir = Path(settings.state_dir) / self.id
         self.store: CheckpointStore | None = None
@@ -134,6 +140,12 @@ class Aggregator:
         self._status_prefix = self.topics.statuses_of(self.id)[:-1]
         self._parent_topic = self.topics.model(self.parent) if self.parent else None
         self._parent_model: tuple[int, Params] | None = None
+        self._model_key = load_private_key(settings.model_key) if settings.model_key else None
+        self._parent_key = load_public_key(settings.parent_key) if settings.parent_key else None
+        if self.parent is not None and self._parent_key is None:
+            log.warning(
+                "%s: no parent_key: unsigned models from %s are adopted", self.id, self.parent
+            )
         self._restored_sync: PendingSync | None = None
         self._wake = asyncio.Event()
         self._announce_due = False
@@ -156,7 +168,9 @@ class Aggregator:
         s = self.settings
         if s.checkpoint:
             self.store = CheckpointStore(self.state_dir)
-            self._restore(self.store.load())
+            if self._restore(self.store.load()):
+                # Saved at once, so that a second restart announces yet another round.
+                await self._checkpoint(self._restored_sync)
         if self.link is not None:
             self.link.open(self.state_dir / "uplink.sqlite", self._restored_sync)
         for topic in (self.topics.updates_of(self.id), self.topics.statuses_of(self.id)):
@@ -207,19 +221,32 @@ class Aggregator:
 
     def _on_update(self, sender: str, payload: bytes) -> None:
         started = time.perf_counter()
-        rnd = self.round
+        rnd, children = self.round, self.children
         try:
             if not ID_RE.match(sender):
                 raise UpdateRejected(Reason.UNKNOWN_SENDER, "not an id")
-            ok = self.gate.admit(payload, sender, self.version, self.children.__contains__)
+            ok = self.gate.admit(
+                payload,
+                sender,
+                self.version,
+                children.__contains__,
+                bound=children.bound,
+                measure=rnd.fold.measure,
+            )
         except UpdateRejected as exc:
-            self.rejected.add(sender, exc)
+            self.rejected.add(sender, exc, known=sender in children)
             return
         update = ok.update
-        rnd.fold(sender, update.tensors, update.n, ok.weight, ok.staleness)
+        try:
+            rnd.admit(sender, ok, self.gate.weight(ok, rnd.version) if rnd.announced else 0.0)
+        except UpdateRejected as exc:  # one too many from this sender, or stale for the round
+            self.gate.ledger.settle(sender, update.inc, update.seq)
+            self.rejected.add(sender, exc)
+            return
+        children.answered(sender)
         rnd.bytes_in += len(payload)
         rnd.fold_s += time.perf_counter() - started
-        if rnd.may_close(self.children.online_eligible, self.children.online):
+        if rnd.may_close(children.online_eligible, children.online):
             self._wake.set()
 
     def _on_status(self, child: str, payload: bytes) -> None:
@@ -235,22 +262,32 @@ class Aggregator:
             if status.id and status.id != child:
                 log.debug("%s: status on %s names %s; ignored", self.id, child, status.id)
                 return
-        self.children.update(child, status)
-        if self.round.announced:
+        if self.children.update(child, status) and self.round.announced:
             self._wake.set()
 
     def _on_parent_model(self, payload: bytes) -> None:
         if not payload or self.link is None:
             return
+        adopted = self.link.uplink.parent_version
         try:
             model = decode_model(payload, max_bytes=self._payload_limit)
+            check_model(
+                model,
+                held=adopted,
+                public=self._parent_key,
+                max_jump=self.settings.max_version_jump,
+            )
             params = model_params(model)
             if spec_of(params) != self.spec:
                 raise UpdateRejected(Reason.SHAPE, "parent model does not match the task")
+            if not is_finite(params):
+                raise UpdateRejected(Reason.NONFINITE, "parent model is not finite")
         except UpdateRejected as exc:
             self.rejected.add(self.parent or "parent", exc)
             return
-        if model.version != self.link.uplink.parent_version:
+        # The version adopted comes back on every reconnect (retained): nothing to do.
+        pending = self._parent_model[0] if self._parent_model else adopted
+        if model.version > max(adopted, pending):
             self._parent_model = (model.version, params)
             self._wake.set()
 
@@ -301,15 +338,35 @@ class Aggregator:
 
     def _next_round(self, number: int) -> Round:
         s = self.settings
-        aggregate = make_aggregate(s.rule, s.trim)
-        return Round(number, self.version, aggregate, s.min_updates, s.quorum)
+        fold = RoundFold(
+            s.rule,
+            max_share=s.max_weight_share,
+            clip_factor=s.clip_factor,
+            window=self.norms,
+            trim=s.trim,
+            byzantine=s.byzantine,
+        )
+        return Round(number, self.version, fold, s.min_updates, s.quorum)
 
     async def _announce(self, *, again: bool = False) -> None:
-        """Open (or re-open, after a deadline with no update) the current round."""
+        """Open the current round, or, after a deadline with no update, a new one.
+
+        A re-announcement is a new round number on the same version: a child that
+        trained the old one (and whose update was lost) trains again, so no loss and
+        no restart can leave every child waiting for a round it already did.
+        """
         s = self.settings
+        if again:
+            old = self.round
+            self.children.round_closed(
+                old.pool(self.children.online_eligible, self.children.online), old.senders
+            )
+            self.round = self._next_round(old.number + 1)
+            self.round.opened_at, self.round.reannounced = old.opened_at, old.reannounced
+            self.round.waiting = old.waiting
         rnd, now = self.round, self.clock()
         chosen = select(
-            self.children.online_eligible,
+            self.children.selectable,
             self.last_selected,
             s.per_round,
             seed=s.seed,
@@ -324,6 +381,9 @@ class Aggregator:
             rnd.opened_at = now
         rnd.reannounced += again
         rnd.announced = True
+        for ok, why in rnd.open_waiting(lambda ok: self.gate.weight(ok, rnd.version)):
+            self.gate.ledger.settle(ok.update.sender, ok.update.inc, ok.update.seq)
+            self.rejected.add(ok.update.sender, UpdateRejected(Reason.STALE, why))
         await self._publish_model()
         if again:
             log.info(
@@ -345,7 +405,10 @@ class Aggregator:
             config=s.train,
             selected=list(rnd.selected),
             deadline=rnd.deadline,
+            receipts=self.gate.ledger.receipts(self.children.known),
         )
+        if self._model_key is not None:
+            model = sign_model(model, self._model_key)
         try:
             await self.transport.publish(
                 self.topics.model(self.id), encode_model(model), retain=True
@@ -358,24 +421,41 @@ class Aggregator:
     async def _close(self, reason: CloseReason) -> None:
         """Average, apply, checkpoint, sync, announce the next round, then report.
 
-        The checkpoint lands before the new version is published, so children never
-        see a version the node could forget in a crash.
+        The next round takes new updates while this one is averaged off the loop. The
+        checkpoint lands before the new version is published, so children never see
+        a version the node could forget in a crash, and receipts name only saved work.
         """
         rnd, s, link = self.round, self.settings, self.link
+        self.children.round_closed(
+            rnd.pool(self.children.online_eligible, self.children.online)
+            if reason == "deadline"
+            else (),
+            rnd.senders,
+        )
+        self.round = self._next_round(rnd.number + 1)
+        self.round.waiting = rnd.carry
         started = time.perf_counter()
-        self.params = apply_delta(self.params, rnd.average())
+        delta, stats = await asyncio.to_thread(self._average, rnd)
+        params = apply_delta(self.params, delta)
+        if is_finite(params):
+            self.params = params
+        else:  # cannot happen with clipping; never publish or save such a model
+            log.error("%s round %d: the average is not finite; model kept", self.id, rnd.number)
+            self.rejected.counts[Reason.NONFINITE] += rnd.participants
         agg_ms = (time.perf_counter() - started) * 1e3
         closed_at = self.clock()
         self.version += 1
+        self.round.version = self.version
         self.aggregations += 1
-        self.round = self._next_round(rnd.number + 1)
-        last_seq = dict(self.gate.last_seq)  # the closed round's senders, not the next one's
+        for sender, inc, seq in rnd.taken:
+            self.gate.ledger.settle(sender, inc, seq)
+        rnd.samples = stats.samples  # what the sync tells the parent: the capped total
         sync: PendingSync | None = None
         if link is not None:
-            link.uplink.after_round(rnd.samples)
+            link.uplink.after_round(stats.samples)
             if link.uplink.due(s.sync_every):
                 sync = await link.build(self.params, rnd.number)
-        await self._checkpoint(last_seq, sync)
+        await self._checkpoint(sync)
         if link is not None and sync is not None:
             await link.store(sync)
             # Wait a little for the parent's next version, so the next local round starts
@@ -393,10 +473,18 @@ class Aggregator:
             "round_ms": round((closed_at - rnd.opened_at) * 1e3, 1),
             "synced": sync is not None,
             "sync_seq": sync["seq"] if sync else None,
+            "clipped": stats.clipped,
+            "clip_bound": stats.clip_bound if math.isfinite(stats.clip_bound) else None,
+            "weight_share_max": round(stats.weight_share_max, 6),
             **evaluation,
         }
         await self._metrics(fields)
         log.info("%s", round_story(self.id, rnd, fields, self.version))
+
+    def _average(self, rnd: Round) -> tuple[Params, FoldStats]:
+        """In a worker thread: the round's fold, under this node's torch thread limit."""
+        set_torch_threads(self.settings.torch_threads)
+        return rnd.average()
 
     async def _adopt_parent(self) -> bool:
         """Take the parent's newer model, if one arrived; True if a round was (re)opened."""
@@ -405,7 +493,13 @@ class Aggregator:
         if pending is None or link is None or pending[0] == link.uplink.parent_version:
             return False
         previous = link.uplink.parent_version
-        self.params = link.uplink.adopt(pending[1], self.params, pending[0])
+        params = link.uplink.adopt(pending[1], self.params, pending[0])
+        if not is_finite(params):  # the parent's model was checked: our own work is not
+            log.error(
+                "%s: adopting %s v%d is not finite; skipped", self.id, self.parent, pending[0]
+            )
+            return False
+        self.params = params
         self.version += 1
         log.info(
             "%s: adopted %s v%d (had v%d): now v%d",
@@ -420,45 +514,61 @@ class Aggregator:
         restart = not (self.round.announced and self.round.participants)
         if restart and self.round.announced:
             self.round = self._next_round(self.round.number + 1)
-        await self._checkpoint(dict(self.gate.last_seq), None)
+        await self._checkpoint(None)
         if restart:
             await self._announce()
         return restart
 
     # --------------------------------------------------------- state and sync
-    def _restore(self, state: NodeState | None) -> None:
+    def _restore(self, state: NodeState | None) -> bool:
         if state is None:
-            return
+            return False
         if spec_of(state.params) != self.spec:
             log.error(
                 "%s: checkpoint does not match task %s; starting fresh", self.id, self.settings.task
             )
-            return
+            return False
+        if not is_finite(state.params):
+            log.error("%s: checkpoint holds a non-finite model; starting fresh", self.id)
+            return False
         self.params = state.params
         self.version = state.version
-        self.gate.last_seq = dict(state.last_seq)
         extra = state.extra
+        self.gate.ledger = Ledger.from_state(
+            extra.get("ledger"), state.last_seq, self.settings.max_children
+        )
+        self.norms = NormWindow(norms=extra.get("norms", []))
+        self.children.declared.update(
+            {str(k): int(v) for k, v in extra.get("declared", {}).items()}
+        )
         self.aggregations = int(extra.get("aggregations", 0))
         self.last_selected = {str(k): int(v) for k, v in extra.get("last_selected", {}).items()}
         self.children.remember(str(c) for c in extra.get("children", []))
         if self.link is not None and "uplink" in extra:
             self.link.uplink = Uplink.from_extra(extra["uplink"], state.parent_version or 0)
             self._restored_sync = extra.get("sync")
-        self.round = self._next_round(state.round)
+        # A new round identity: the checkpointed one may have been announced and trained.
+        self.round = self._next_round(state.round + 1)
         log.info(
             "%s: resumed from checkpoint at version %d, round %d",
             self.id,
             self.version,
-            state.round,
+            self.round.number,
         )
+        return True
 
-    async def _checkpoint(self, last_seq: dict[str, int], sync: PendingSync | None) -> None:
+    async def _checkpoint(self, sync: PendingSync | None) -> None:
+        """Save the model and what is settled (never the open round's updates)."""
         if self.store is None:
             return
+        ledger = self.gate.ledger
         extra: dict[str, Any] = {
             "aggregations": self.aggregations,
             "last_selected": dict(self.last_selected),
             "children": sorted(self.children.known),
+            "ledger": ledger.to_state(),
+            "norms": self.norms.values(),
+            "declared": dict(self.children.declared),
         }
         if self.link is not None:
             extra["uplink"] = self.link.uplink.to_extra()
@@ -469,7 +579,7 @@ class Aggregator:
             version=self.version,
             round=self.round.number,
             parent_version=self._parent_version,
-            last_seq=last_seq,
+            last_seq=ledger.last_seqs(),
             extra=extra,
         )
         await asyncio.to_thread(self.store.save, state)
@@ -502,6 +612,7 @@ class Aggregator:
 
     async def _heartbeat(self) -> None:
         self._heartbeat_at = self.clock() + self.settings.heartbeat_s
+        self.rejected.summarize()
         if self.parent is None:
             self._status_due = False
             return

@@ -1,32 +1,27 @@
 """One round of one node: the running aggregate, who answered, and when it may close.
 
-Pure state over the fedavg accumulators and an injected ``now``: no asyncio, no
-MQTT, no clock of its own. The node's shell folds updates in and asks ``ready``.
+Pure state over the round fold and an injected ``now``: no asyncio, no MQTT, no
+clock of its own. The node's shell admits updates and asks ``ready``. One update
+per sender per round is folded; a second waits for the next round, a third is
+refused; updates that arrive before the round is announced wait for it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-from ..fedavg import Aggregate, RobustAverage, StreamingAverage
 from ..params import Params
-from ..wire import QTensor
+from ..wire import Reason, UpdateRejected
+from .admission import Admitted
+from .fold import Contribution, FoldStats, RoundFold
 
-Rule = Literal["fedavg", "median", "trimmed_mean"]
 #: Why a round closed: every expected child answered, quorum reached, deadline passed.
 CloseReason = Literal["all", "quorum", "deadline"]
-
-
-def make_aggregate(rule: Rule, trim: float = 0.1) -> Aggregate:
-    """The accumulator for ``rule``: streaming (O(model)) or robust (holds every update)."""
-    if rule == "fedavg":
-        return StreamingAverage()
-    return RobustAverage(rule, trim)
 
 
 def quorum_target(min_updates: int, quorum: float, expected: int) -> int:
@@ -52,7 +47,7 @@ class Round:
 
     number: int
     version: int
-    aggregate: Aggregate
+    fold: RoundFold
     min_updates: int = 1
     quorum: float = 1.0
     selected: tuple[str, ...] = ()
@@ -61,6 +56,11 @@ class Round:
     announced: bool = False
     reannounced: int = 0
     senders: set[str] = field(default_factory=set)
+    #: (sender, inc, seq) of every update taken into this round's fold.
+    taken: list[tuple[str, int, int]] = field(default_factory=list)
+    #: admitted updates waiting to be folded: early for this round, or carried to the next.
+    waiting: dict[str, Admitted] = field(default_factory=dict)
+    carry: dict[str, Admitted] = field(default_factory=dict)
     samples: int = 0
     bytes_in: int = 0
     staleness_sum: int = 0
@@ -69,19 +69,44 @@ class Round:
 
     @property
     def updates(self) -> int:
-        return self.aggregate.count
+        return self.fold.count
 
     @property
     def participants(self) -> int:
         return len(self.senders)
 
-    def fold(
-        self, sender: str, tensors: Sequence[QTensor], n: int, weight: float, staleness: int
-    ) -> None:
-        """Fold one accepted update straight into the aggregate: no float copy is kept."""
-        self.aggregate.add_quantized(tensors, weight)
+    def admit(self, sender: str, ok: Admitted, weight: float) -> bool:
+        """Fold ``ok`` (just measured) if this is the sender's first update of the round
+        and the round is announced; else keep it for later. True if folded now."""
+        if self.announced and sender not in self.senders:
+            self._add(sender, ok, weight, fresh=True)
+            return True
+        queue = self.waiting if not self.announced else self.carry
+        if sender in queue or (not self.announced and sender in self.senders):
+            raise UpdateRejected(Reason.REPEAT, "one update per sender per round")
+        queue[sender] = ok
+        return False
+
+    def open_waiting(self, weigh: Callable[[Admitted], float]) -> list[tuple[Admitted, str]]:
+        """On announcing: fold the updates that waited. Returns those now too stale."""
+        stale = []
+        waiting, self.waiting = self.waiting, {}
+        for sender, ok in waiting.items():
+            try:
+                self._add(sender, ok, weigh(ok), fresh=False)
+            except UpdateRejected as exc:
+                stale.append((ok, exc.detail))
+        return stale
+
+    def _add(self, sender: str, ok: Admitted, weight: float, *, fresh: bool) -> None:
+        update = ok.update
+        self.fold.add(
+            Contribution(sender, update.tensors, weight, ok.norm, ok.samples), fresh=fresh
+        )
         self.senders.add(sender)
-        self.samples += n
+        self.taken.append((sender, update.inc, update.seq))
+        self.samples += ok.samples
+        staleness = self.version - update.base
         self.staleness_sum += staleness
         self.staleness_max = max(self.staleness_max, staleness)
 
@@ -125,9 +150,9 @@ class Round:
         """Deadline passed with nothing folded: the round must be re-announced."""
         return self.announced and self.participants == 0 and now >= self.deadline
 
-    def average(self) -> Params:
-        """The (weighted or robust) average delta of the folded updates."""
-        return self.aggregate.result()
+    def average(self) -> tuple[Params, FoldStats]:
+        """The (capped, clipped; weighted or robust) average delta and what the rules did."""
+        return self.fold.result()
 
     @property
     def staleness_mean(self) -> float:

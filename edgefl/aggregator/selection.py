@@ -7,6 +7,7 @@ here reads a clock, publishes or sleeps.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Set
 
 from ..config import AggregatorSettings
@@ -17,11 +18,15 @@ from ..wire import Status
 class Children:
     """The children a node knows from their retained Status, and which may train.
 
-    A child is *known* once it published any Status (the unknown-sender check
-    when no allow-list is configured), *online* while its last Status says so
-    (the LWT flips it), and *eligible* when it says so and the node's policy
-    agrees: battery, link, and an uplink fast enough for ``expected_bytes`` by
-    the deadline.
+    A child is *known* once it published a Status (the unknown-sender check when no
+    allow-list is configured); with ``allowed`` (the allow-list and the ids holding
+    keys) other ids' statuses are ignored. It is *online* while its last Status says
+    so (the LWT flips it), and *eligible* when it says so and the node's policy
+    agrees: battery, link, and an uplink fast enough for ``expected_bytes`` by the
+    deadline. A child waited for in vain ``max_misses`` rounds in a row is no longer
+    waited for (it may still be selected) until it delivers an update. At most
+    ``max_children`` are kept: offline ones, then ones that never delivered, go first.
+    Its weight bound is the sample count it declared first, capped by ``max_samples``.
     """
 
     def __init__(
@@ -31,18 +36,32 @@ class Children:
         expected_bytes: int = 0,
         deadline_s: float | None = None,
         min_uplink_kbps: float = 0.0,
+        allowed: frozenset[str] | None = None,
+        max_children: int = 10_000,
+        max_misses: int = 3,
+        max_samples: int = 100_000,
     ) -> None:
         self.policy = policy
         self.expected_bytes = expected_bytes
         self.deadline_s = deadline_s
         self.min_uplink_kbps = min_uplink_kbps
-        self.status: dict[str, Status] = {}
-        self._known: set[str] = set()
+        self.allowed = allowed or None
+        self.max_children = max_children
+        self.max_misses = max_misses
+        self.max_samples = max_samples
+        self.status: OrderedDict[str, Status | None] = OrderedDict()
+        self.delivered: set[str] = set()
+        self.declared: dict[str, int] = {}
+        self.misses: dict[str, int] = {}
+        self.ignored = 0  # statuses refused: not allowed, or the table full
         self._online: set[str] = set()
         self._eligible: set[str] = set()
+        self._selectable: set[str] = set()
 
     @classmethod
-    def from_settings(cls, settings: AggregatorSettings, parameters: int) -> Children:
+    def from_settings(
+        cls, settings: AggregatorSettings, parameters: int, allowed: frozenset[str] | None = None
+    ) -> Children:
         """Judged like the devices judge themselves: the update they would send by the
         deadline, at ``parameters`` values of the update dtype's width."""
         width = 1 if settings.update_dtype == "u8" else 4
@@ -51,37 +70,100 @@ class Children:
             expected_bytes=parameters * width,
             deadline_s=settings.train.deadline_s,
             min_uplink_kbps=settings.policy.min_uplink_kbps,
+            allowed=allowed,
+            max_children=settings.max_children,
+            max_misses=settings.max_misses,
+            max_samples=settings.max_samples,
         )
 
     def __contains__(self, child: object) -> bool:
-        return child in self._known
+        return child in self.status
 
     def __len__(self) -> int:
-        return len(self._known)
+        return len(self.status)
 
     @property
     def known(self) -> Set[str]:
-        return self._known
+        return self.status.keys()
 
     def remember(self, children: Iterable[str]) -> None:
         """Children known before a restart: after a reconnect, updates queued in the
         broker session arrive before the retained statuses that introduce them."""
-        self._known.update(children)
+        for child in children:
+            if child not in self.status and self._room(child):
+                self.status[child] = None
 
-    def update(self, child: str, status: Status | None) -> None:
-        """Record a child's Status; None (an emptied retained topic) forgets the child."""
+    def bound(self, child: str) -> int:
+        """The most samples ``child``'s update may weigh."""
+        return min(self.declared.get(child, self.max_samples), self.max_samples)
+
+    def update(self, child: str, status: Status | None) -> bool:
+        """Record a child's Status; None (an emptied retained topic) forgets the child.
+        False if the status was ignored (not an allowed id, or no room left)."""
+        if self.allowed is not None and child not in self.allowed:
+            self.ignored += 1
+            return False
         self._online.discard(child)
         self._eligible.discard(child)
+        self._selectable.discard(child)
         if status is None:
             self.status.pop(child, None)
-            self._known.discard(child)
-            return
+            for table in (self.misses, self.declared):
+                table.pop(child, None)
+            self.delivered.discard(child)
+            return True
+        if child not in self.status and not self._room(child):
+            self.ignored += 1
+            return False
         self.status[child] = status
-        self._known.add(child)
+        self.status.move_to_end(child)
+        if status.samples is not None and child not in self.declared:
+            self.declared[child] = status.samples  # at registration; never raised later
+        elif status.samples is not None:
+            self.declared[child] = min(self.declared[child], status.samples)
         if status.online:
-            self._online.add(child)
-            if self.decide(status).ok:
-                self._eligible.add(child)
+            self._mark_online(child, status)
+        return True
+
+    def _mark_online(self, child: str, status: Status) -> None:
+        eligible = self.decide(status).ok
+        if eligible:
+            self._selectable.add(child)
+        if self.misses.get(child, 0) >= self.max_misses:
+            return  # not waited for until it delivers
+        self._online.add(child)
+        if eligible:
+            self._eligible.add(child)
+
+    def _room(self, child: str) -> bool:
+        """Make room for one more child by evicting; False if none may go."""
+        if len(self.status) < self.max_children:
+            return True
+        victim = next((c for c, st in self.status.items() if st is None or not st.online), None)
+        if victim is None:
+            victim = next((c for c in self.status if c not in self.delivered), None)
+        if victim is None:
+            return False
+        self.update(victim, None)
+        return True
+
+    def answered(self, child: str) -> None:
+        """``child`` delivered a valid update: it is waited for again."""
+        self.delivered.add(child)
+        if self.misses.pop(child, 0) >= self.max_misses:
+            status = self.status.get(child)
+            if status is not None and status.online:
+                self._mark_online(child, status)
+
+    def round_closed(self, expected: Iterable[str], answered: Set[str]) -> None:
+        """Count a miss for every expected child that did not answer."""
+        for child in list(expected):  # often a live view of the sets changed below
+            if child in answered:
+                continue
+            misses = self.misses[child] = self.misses.get(child, 0) + 1
+            if misses == self.max_misses:
+                self._online.discard(child)
+                self._eligible.discard(child)
 
     def decide(self, status: Status) -> Decision:
         if not status.eligible:
@@ -96,11 +178,18 @@ class Children:
     # Live views, not copies: the receive path asks for them on every update.
     @property
     def online(self) -> Set[str]:
+        """Online children that are waited for."""
         return self._online
 
     @property
     def online_eligible(self) -> Set[str]:
+        """Online, eligible children that are waited for."""
         return self._eligible
+
+    @property
+    def selectable(self) -> Set[str]:
+        """Online, eligible children, including those no longer waited for."""
+        return self._selectable
 
 
 def select(

@@ -84,9 +84,11 @@ async def test_killed_node_resumes_at_its_version_and_still_rejects_duplicates(
             # the node is down, waits for it in its broker session.
             await h.send(node, make_update("c1", 1, delta_of(3), base=1))
             proc = _start(command, node, broker, tmp_path, log)
-            await _models_of(h, node, 1, 2)  # the restarted process announces again
+            await _models_of(h, node, 1, 2)  # the restarted process announces again ...
             after = h.models[node][-1]
-            assert (after.version, after.round) == (before.version, before.round) == (1, 1)
+            # ... a new round of the same version: whoever trained round 1 trains again.
+            assert (before.version, before.round) == (1, 1)
+            assert (after.version, after.round) == (1, 2)
             await h.send(node, make_update("c2", 0, delta_of(2), base=0))  # folded pre-kill
             await h.send(node, make_update("c2", 1, delta_of(4), base=1))
             m = await h.wait_metrics(node, event="round", version=2, timeout=30)
@@ -94,7 +96,7 @@ async def test_killed_node_resumes_at_its_version_and_still_rejects_duplicates(
             proc.kill()
             proc.wait(timeout=10)
     assert (m["round"], m["participants"], m["rejected_duplicate"], m["rejected_total"]) == (
-        1,
+        2,
         2,
         1,
         1,

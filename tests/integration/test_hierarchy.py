@@ -42,6 +42,10 @@ def _node(broker: RunningBroker, tmp_path: Path, node_id: str, **kw: Any) -> Agg
     )
 
 
+#: Plain sample-weighted FedAvg, which these tests check exactly: no share cap, no clip.
+PLAIN = {"max_weight_share": 1.0, "clip_factor": 0.0}
+
+
 @contextlib.asynccontextmanager
 async def serving(nodes: list[AggregatorSettings], task: Task) -> AsyncIterator[list[Aggregator]]:
     async with contextlib.AsyncExitStack() as stack:
@@ -74,9 +78,11 @@ async def test_each_tier_publishes_the_sample_weighted_average_of_its_children(
     task = TinyTask()
     init = task.init_params(0)
     deadline = {"deadline_s": 10.0}
-    nodes = [_node(broker, tmp_path, "cloud", min_updates=2, train=deadline)]
+    nodes = [_node(broker, tmp_path, "cloud", min_updates=2, train=deadline, **PLAIN)]
     nodes += [
-        _node(broker, tmp_path, gw, min_updates=len(kids), sync_every=2, update_dtype="f32")
+        _node(
+            broker, tmp_path, gw, min_updates=len(kids), sync_every=2, update_dtype="f32", **PLAIN
+        )
         for gw, kids in FLEET.items()
     ]
     sent: dict[tuple[str, int], Params] = {}  # what the gateway gets, after dequantization

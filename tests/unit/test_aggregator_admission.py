@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefl.aggregator.admission import UpdateGate, dequantized_finite, squared_norm
-from edgefl.fedavg import staleness_weight
+from edgefl.aggregator.admission import Rejections, UpdateGate, dequantized_finite
+from edgefl.fedavg import Scratch, staleness_weight
 from edgefl.params import l2_norm
 from edgefl.quant import dequantize_params, float_params, quantize_params
 from edgefl.wire import QTensor, Reason, Update, UpdateRejected, encode_update, sign
@@ -34,18 +34,23 @@ def _gate(**kw: object) -> UpdateGate:
     return UpdateGate(SPEC, **options)  # type: ignore[arg-type]
 
 
+def _norm(tensors: list[QTensor]) -> float:
+    return math.sqrt(Scratch().squared_norm(tensors))
+
+
 def _reason(gate: UpdateGate, payload: bytes, sender: str = "d1", version: int = 3) -> Reason:
     with pytest.raises(UpdateRejected) as info:
-        gate.admit(payload, sender, version)
+        gate.admit(payload, sender, version, measure=_norm)
     return info.value.reason
 
 
-def test_valid_update_is_admitted_with_its_staleness_weight() -> None:
+def test_valid_update_is_admitted_with_its_staleness_weight_and_capped_samples() -> None:
     gate = _gate(staleness="polynomial", staleness_a=0.5)
-    ok = gate.admit(encode_update(_update(base=1)), "d1", 3)
-    assert ok.staleness == 2
-    assert ok.weight == pytest.approx(5 * staleness_weight(2, "polynomial", 0.5))
-    assert gate.last_seq == {"d1": 0}
+    ok = gate.admit(encode_update(_update(base=1)), "d1", 3, bound=lambda _: 4, measure=_norm)
+    assert ok.samples == 4  # n = 5, capped by the child's bound
+    assert ok.norm == pytest.approx(math.sqrt(6 * 0.01), rel=1e-6)
+    assert gate.weight(ok, 3) == pytest.approx(4 * staleness_weight(2, "polynomial", 0.5))
+    assert gate.ledger.seen("d1", 0, 0) and not gate.ledger.seen("d1", 0, 1)
 
 
 def test_every_reason_is_raised_by_its_own_check() -> None:
@@ -59,7 +64,7 @@ def test_every_reason_is_raised_by_its_own_check() -> None:
     nan["tensors"][0].update(dtype="u8", q=bytes(6), lo=float("nan"))
     assert _reason(gate, msgpack.packb(nan)) is Reason.NONFINITE
     assert _reason(gate, good, sender="d2") is Reason.UNKNOWN_SENDER  # topic != payload
-    gate.admit(good, "d1", 3)
+    gate.admit(good, "d1", 3, measure=_norm)
     assert _reason(gate, good) is Reason.DUPLICATE
     assert _reason(gate, encode_update(_update(seq=1, base=0))) is Reason.STALE
     assert _reason(gate, encode_update(_update(seq=1, base=4))) is Reason.STALE  # unknown base
@@ -67,8 +72,12 @@ def test_every_reason_is_raised_by_its_own_check() -> None:
     assert _reason(gate, encode_update(forged), sender="signed") is Reason.BAD_SIGNATURE
     assert _reason(gate, encode_update(_update("signed")), sender="signed") is Reason.BAD_SIGNATURE
     assert _reason(gate, encode_update(_update(seq=2, value=1.0))) is Reason.NORM
+    # The signature is checked before staleness: a wrong key on an old base is a forgery.
+    old = sign(_update("signed", base=0), b"wrong key")
+    assert _reason(gate, encode_update(old), sender="signed") is Reason.BAD_SIGNATURE
     gate.admit(encode_update(sign(_update("signed"), KEY)), "signed", 3)
-    assert gate.last_seq == {"d1": 0, "signed": 0}  # rejections never move last_seq
+    # Rejections never take a seq: only d1/0 and signed/0 are in the ledger.
+    assert gate.ledger.seen("signed", 0, 0) and not gate.ledger.seen("d1", 0, 2)
 
 
 def test_unknown_senders_by_allow_list_or_missing_status() -> None:
@@ -83,7 +92,7 @@ def test_required_signature_rejects_unsigned_updates_without_a_key() -> None:
     gate = _gate(require_signature=True)
     assert _reason(gate, encode_update(_update())) is Reason.BAD_SIGNATURE
     star = _gate(keys={"*": KEY}, require_signature=True)
-    assert star.admit(encode_update(sign(_update(), KEY)), "d1", 3).staleness == 0
+    assert star.admit(encode_update(sign(_update(), KEY)), "d1", 3).update.sender == "d1"
 
 
 def test_quantized_values_that_overflow_float32_are_nonfinite() -> None:
@@ -104,4 +113,48 @@ def test_update_norm_matches_the_norm_of_the_dequantized_delta(
     delta = {"v": np.array(values, np.float32)}
     tensors = float_params(delta) if f32 else quantize_params(delta)
     expected = l2_norm(dequantize_params(tensors))
-    assert math.sqrt(squared_norm(tensors)) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    assert _norm(tensors) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_a_norm_too_large_to_fold_is_nonfinite_even_when_every_value_is_finite() -> None:
+    bomb = QTensor(name="w", shape=[2, 3], lo=0.0, scale=1.3e36, q=bytes([255] * 6))
+    assert dequantized_finite([bomb])
+    update = msgspec.structs.replace(_update(), tensors=[bomb])
+    assert _reason(_gate(), encode_update(update)) is Reason.NONFINITE
+
+
+def test_a_new_incarnation_is_accepted_from_seq_zero_and_a_forged_seq_locks_nobody_out() -> None:
+    gate = _gate()
+    for seq in range(40):
+        gate.admit(encode_update(_update(seq=seq)), "d1", 3)
+        gate.ledger.settle("d1", 0, seq)
+    assert _reason(gate, encode_update(_update(seq=3))) is Reason.DUPLICATE
+    fresh = msgspec.structs.replace(_update(seq=0), inc=77)  # the device lost its outbox
+    gate.admit(encode_update(fresh), "d1", 3)
+    gate.ledger.settle("d1", 77, 0)
+    gate.admit(encode_update(msgspec.structs.replace(_update(seq=2**53), inc=77)), "d1", 3)
+    gate.ledger.settle("d1", 77, 2**53)
+    for seq in range(1, 30):  # the real device goes on; the forged seq takes one slot
+        gate.admit(encode_update(msgspec.structs.replace(_update(seq=seq), inc=77)), "d1", 3)
+        gate.ledger.settle("d1", 77, seq)
+    assert gate.ledger.receipt("d1") == (77, 29)
+
+
+def test_rejection_logging_is_bounded_for_unknown_senders_and_summarized(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    rejections = Rejections("gw", clock=lambda: now[0])
+    caplog.set_level("WARNING")
+    for i in range(5000):
+        rejections.add(f"r{i}", UpdateRejected(Reason.MALFORMED, "x"), known=False)
+    rejections.add("d1", UpdateRejected(Reason.MALFORMED, "x"), known=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 21 and "'d1'" in lines[-1]
+    now[0] = 61.0
+    rejections.summarize()
+    assert (
+        "4980 more messages rejected (malformed) from 1000+ senders"
+        in caplog.records[-1].getMessage()
+    )
+    assert rejections.counts[Reason.MALFORMED] == 5001

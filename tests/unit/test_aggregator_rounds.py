@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgefl.aggregator.rounds import Round, apply_delta, make_aggregate, quorum_target
+from edgefl.aggregator.admission import Admitted
+from edgefl.aggregator.fold import RoundFold
+from edgefl.aggregator.rounds import Round, apply_delta, quorum_target
 from edgefl.aggregator.selection import Children, select
 from edgefl.aggregator.uplink import Uplink
 from edgefl.config import PolicySettings
 from edgefl.device.policy import policy_of
 from edgefl.quant import dequantize_params, float_params
-from edgefl.wire import Status
+from edgefl.wire import Reason, Status, Update, UpdateRejected
 
 
 def _round(
@@ -20,13 +22,15 @@ def _round(
     min_updates: int = 1,
     quorum: float = 1.0,
 ) -> Round:
-    r = Round(0, 0, make_aggregate("fedavg"), min_updates, quorum, selected, deadline)
+    r = Round(0, 0, RoundFold(), min_updates, quorum, selected, deadline)
     r.announced = True
     return r
 
 
-def _fold(r: Round, sender: str, value: float = 1.0, n: int = 1) -> None:
-    r.fold(sender, float_params({"x": np.full(2, value, np.float32)}), n, float(n), 0)
+def _fold(r: Round, sender: str, value: float = 1.0, n: int = 1, seq: int = 0) -> bool:
+    tensors = float_params({"x": np.full(2, value, np.float32)})
+    update = Update(sender=sender, seq=seq, round=0, base=0, n=n, tensors=tensors)
+    return r.admit(sender, Admitted(update, n, abs(value) * np.sqrt(2)), float(n))
 
 
 @pytest.mark.parametrize(
@@ -58,7 +62,10 @@ def test_quorum_fraction_closes_early_and_deadline_needs_one_update() -> None:
     assert r.ready(5.0, kids, kids) is None
     assert r.ready(10.0, kids, kids) == "deadline"
     _fold(r, "d1")
-    _fold(r, "d1")  # a second update from the same child is no second participant
+    assert not _fold(r, "d1", seq=1)  # a second update from one child waits for the next round
+    with pytest.raises(UpdateRejected) as third:
+        _fold(r, "d1", seq=2)
+    assert third.value.reason is Reason.REPEAT and list(r.carry) == ["d1"]
     assert r.ready(5.0, kids, kids) is None
     _fold(r, "d2")
     assert r.ready(5.0, kids, kids) == "quorum" and r.may_close(kids, kids)
@@ -86,10 +93,49 @@ def test_round_average_is_sample_weighted_and_applied_as_a_delta() -> None:
     r = _round()
     _fold(r, "a", 1.0, n=1)
     _fold(r, "b", 4.0, n=3)
-    delta = r.average()
+    delta, stats = r.average()
     np.testing.assert_allclose(delta["x"], [3.25, 3.25])
+    assert (stats.clipped, stats.samples) == (0, 4)
     new = apply_delta({"x": np.zeros(2, np.float32)}, delta)
     assert new["x"].dtype == np.float32 and r.samples == 4 and r.participants == 2
+
+
+def test_updates_before_the_announcement_wait_for_it() -> None:
+    r = Round(0, 0, RoundFold(), 1, 1.0)
+    assert not _fold(r, "early")
+    assert r.participants == 0 and list(r.waiting) == ["early"]
+    r.announced = True
+    assert r.open_waiting(lambda ok: float(ok.samples)) == []
+    assert r.participants == 1 and r.updates == 1
+
+
+def test_a_ghost_is_waited_for_max_misses_rounds_then_not_until_it_delivers() -> None:
+    kids = Children(policy_of(PolicySettings()), max_misses=2)
+    for child in ("real", "ghost"):
+        kids.update(child, Status(online=True))
+    for _ in range(2):
+        assert "ghost" in kids.online_eligible
+        kids.round_closed(set(kids.online_eligible), {"real"})
+    assert set(kids.online_eligible) == {"real"} and "ghost" in kids.selectable
+    kids.update("ghost", Status(online=True))  # a fresh status does not bring it back
+    assert "ghost" not in kids.online_eligible
+    kids.answered("ghost")
+    assert "ghost" in kids.online_eligible
+
+
+def test_the_children_table_is_bounded_and_evicts_offline_then_unproven_children() -> None:
+    kids = Children(policy_of(PolicySettings()), max_children=3, max_samples=50)
+    kids.update("a", Status(online=True, samples=10))
+    kids.answered("a")
+    kids.update("b", Status(online=False))
+    kids.update("c", Status(online=True, samples=10**9))
+    kids.update("d", Status(online=True))  # evicts b (offline)
+    kids.update("e", Status(online=True))  # evicts c (never delivered)
+    assert set(kids.known) == {"a", "d", "e"}
+    kids.update("a", Status(online=True, samples=1000))  # a bound never rises
+    assert (kids.bound("a"), kids.bound("d")) == (10, 50)
+    allow = Children(policy_of(PolicySettings()), allowed=frozenset({"a"}))
+    assert not allow.update("stranger", Status(online=True)) and len(allow) == 0
 
 
 def test_selection_prefers_the_least_recently_selected_and_replays_with_the_seed() -> None:

@@ -1,0 +1,112 @@
+"""Which updates a node has taken and settled, by (sender, incarnation, seq), and receipts.
+
+An update is *taken* when admitted into a round and *settled* when that round is
+saved (folded) or the update is refused for good; only settled ones are
+checkpointed, so a restarted node accepts the redelivery of what it lost. Pure.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Highest seqs remembered exactly per sender; below them a floor says "seen".
+WINDOW = 16
+
+
+@dataclass
+class _Seen:
+    inc: int
+    floor: int = -1  # every seq at or below it is settled
+    top: set[int] = field(default_factory=set)  # settled seqs above the floor
+    last: int = -1  # the last seq settled, in order: the receipt
+
+    def has(self, seq: int) -> bool:
+        return seq <= self.floor or seq in self.top
+
+    def add(self, seq: int) -> None:
+        self.top.add(seq)
+        self.last = seq
+        while len(self.top) > WINDOW:
+            # Forget the *lowest* exactly: a forged huge seq then takes one slot of the
+            # window, never the floor, so the real sender's next seqs still land.
+            low = min(self.top)
+            self.top.discard(low)
+            self.floor = max(self.floor, low)
+
+
+class Ledger:
+    """Settled and taken updates per sender, bounded to ``max_senders`` (least recent out)."""
+
+    def __init__(self, max_senders: int = 10_000) -> None:
+        self.max_senders = max_senders
+        self._settled: OrderedDict[str, _Seen] = OrderedDict()
+        self._taken: dict[str, set[tuple[int, int]]] = {}
+
+    def __contains__(self, sender: object) -> bool:
+        return sender in self._settled
+
+    def seen(self, sender: str, inc: int, seq: int) -> bool:
+        """Whether this exact update was taken or settled already (a redelivery)."""
+        if (inc, seq) in self._taken.get(sender, ()):
+            return True
+        entry = self._settled.get(sender)
+        return entry is not None and entry.inc == inc and entry.has(seq)
+
+    def take(self, sender: str, inc: int, seq: int) -> None:
+        self._taken.setdefault(sender, set()).add((inc, seq))
+
+    def settle(self, sender: str, inc: int, seq: int) -> None:
+        """Folded into a saved round, or refused for good: the sender may forget it."""
+        taken = self._taken.get(sender)
+        if taken is not None:
+            taken.discard((inc, seq))
+            if not taken:
+                del self._taken[sender]
+        entry = self._settled.get(sender)
+        if entry is None or entry.inc != inc:  # a new incarnation starts over
+            entry = self._settled[sender] = _Seen(inc)
+        self._settled.move_to_end(sender)
+        entry.add(seq)
+        while len(self._settled) > self.max_senders:
+            self._settled.popitem(last=False)
+
+    def receipt(self, sender: str) -> tuple[int, int] | None:
+        entry = self._settled.get(sender)
+        return (entry.inc, entry.last) if entry is not None and entry.last >= 0 else None
+
+    def receipts(self, senders: Any = None) -> dict[str, tuple[int, int]]:
+        """``{sender: (inc, last seq settled)}`` for ``senders`` (default: all)."""
+        names = self._settled if senders is None else senders
+        out = {}
+        for s in names:
+            r = self.receipt(s)
+            if r is not None:
+                out[s] = r
+        return out
+
+    def last_seqs(self) -> dict[str, int]:
+        return {s: e.last for s, e in self._settled.items()}
+
+    # ---------------------------------------------------------- checkpointing
+    def to_state(self) -> dict[str, Any]:
+        return {s: [e.inc, e.floor, sorted(e.top), e.last] for s, e in self._settled.items()}
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, Any] | None,
+        last_seq: Mapping[str, int] | None = None,
+        max_senders: int = 10_000,
+    ) -> Ledger:
+        """From a checkpoint; one without a ledger had only each sender's last seq."""
+        ledger = cls(max_senders)
+        if state:
+            for s, (inc, floor, top, last) in state.items():
+                ledger._settled[str(s)] = _Seen(int(inc), int(floor), set(map(int, top)), int(last))
+        else:
+            for s, seq in (last_seq or {}).items():
+                ledger._settled[str(s)] = _Seen(0, int(seq), set(), int(seq))
+        return ledger
