@@ -24,14 +24,16 @@ from ..config import ConfigError, DeviceSettings
 from ..outbox import Outbox
 from ..params import l2_norm
 from ..profiles import Decision, Reading, UplinkEstimator
+from ..signing import check_model, load_public_key
 from ..supervise import first_completed, wait_event
 from ..tasks import DeviceData, Task, TrainResult, load_task, set_torch_threads
-from ..tasks.training import accepts_should_stop
+from ..tasks.training import TrainingStopped, accepts_should_stop
 from ..telemetry import Telemetry, last_will
 from ..topics import Topics
 from ..transport import Message, Transport
 from ..wire import MetricValue, Model, QTensor, Reason, Status, UpdateRejected, decode_model
 from ..wire import model_params as wire_params
+from .limits import OverBudget, bound_config, with_budget
 from .policy import DEADLINE_PASSED, decide, policy_of, selected
 from .report import device_status, finite, profile_fields, status_key
 from .update import (
@@ -60,6 +62,8 @@ LINK_POLL_S = 0.25
 UPDATE_METRICS = ("loss", "loss_before", "train_ms", "samples")
 
 PROGRESS_KEY = "device.progress"
+#: TrainConfig fields a model may ask for only within the device's own bounds.
+_BOUNDED = {"epochs", "batch_size"}
 
 
 class DeviceAgent:
@@ -95,6 +99,10 @@ class DeviceAgent:
         self.model_topic = self.topics.model(settings.gateway)
         self.update_topic = self.topics.update(settings.gateway, settings.id)
         self.encoder = UpdateEncoder(settings)  # a bad key fails before the task loads
+        key = settings.parent_key
+        self.parent_key = load_public_key(key) if key else None
+        if key is None:
+            _warn_unsigned(settings.id, settings.gateway)
         try:
             self.task = task or load_task(settings.task, **settings.task_options)
             self.data = data or self.task.device_data(settings.shard, settings.num_shards)
@@ -123,6 +131,7 @@ class DeviceAgent:
         self.rounds_trained = 0
         self.declined: Counter[str] = Counter()  # rounds not trained, by reason
         self.ignored: Counter[str] = Counter()  # bad model payloads, by reason
+        self.clamped = 0  # rounds whose training config asked for more than the bounds
         self.last_metrics: dict[str, MetricValue] = {}
         self.last_status: Status | None = None
         self._latest: Model | None = None
@@ -229,15 +238,24 @@ class DeviceAgent:
     def _on_message(self, message: Message) -> None:
         if message.topic != self.model_topic or not message.payload:
             return  # a chunk sub-topic being cleared, or a deleted retained model
+        s = self.settings
         try:
             model = decode_model(message.payload)
             if {t.name: tuple(t.shape) for t in model.tensors} != self.spec:
                 raise UpdateRejected(Reason.SHAPE, "model does not match the task's parameters")
+            check_model(
+                model,
+                held=self.progress.model_version,
+                public=self.parent_key,
+                max_jump=s.max_version_jump,
+            )
         except UpdateRejected as exc:
             if not self.ignored[exc.reason.value]:
                 log.warning("device %s: ignoring a bad model: %s", self.id, exc)
             self.ignored[exc.reason.value] += 1
             return
+        # Accepted: the gateway's own model (when parent_key is set), not older than the
+        # one held. What acts on an accepted model goes from here on.
         if model.version != self.progress.model_version:
             self.progress.model_version = model.version
             self._status_due.set()
@@ -369,18 +387,30 @@ class DeviceAgent:
         # otherwise use every core, and a board's agent must leave some free.
         torch.set_num_threads(s.torch_threads)
         params = wire_params(model)
-        extra: dict[str, Any] = {"should_stop": self._stop.is_set} if self._stoppable else {}
+        cfg = bound_config(model.config, max_epochs=s.max_epochs, min_batch_size=s.min_batch_size)
+        if cfg is not model.config:
+            self.clamped += 1
+            if self.clamped == 1:
+                asked, used = (c.model_dump(include=_BOUNDED) for c in (model.config, cfg))
+                log.warning("device %s: model asks %s; trains %s (once)", self.id, asked, used)
+        should_stop = with_budget(self._stop.is_set, s.max_train_s)
+        extra: dict[str, Any] = {"should_stop": should_stop} if self._stoppable else {}
         start = time.perf_counter()
-        result = self.task.train(
-            params,
-            self.data,
-            model.config,
-            precision=s.precision,
-            device=s.compute,
-            global_params=params if model.config.mu > 0 else None,
-            seed=(s.seed * 1_000_003 + model.round) % 2**31,
-            **extra,
-        )
+        try:
+            result = self.task.train(
+                params,
+                self.data,
+                cfg,
+                precision=s.precision,
+                device=s.compute,
+                global_params=params if cfg.mu > 0 else None,
+                seed=(s.seed * 1_000_003 + model.round) % 2**31,
+                **extra,
+            )
+        except TrainingStopped:
+            if self._stop.is_set():
+                raise
+            raise OverBudget(f"stopped at max_train_s = {s.max_train_s:g} s") from None
         result.metrics["task_ms"] = (time.perf_counter() - start) * 1000.0
         if not is_finite(result.delta):
             return result, None, 0.0
@@ -487,6 +517,20 @@ class DeviceAgent:
         )
         if self.telemetry is not None:
             await self.telemetry.metrics(self.last_metrics)
+
+
+_warned: set[str] = set()
+
+
+def _warn_unsigned(device: str, gateway: str) -> None:
+    """Once per process: a simulator runs thousands of agents in one."""
+    if not _warned:
+        _warned.add(device)
+        log.warning(
+            "device %s: no parent_key: unsigned models from %s are accepted (logged once)",
+            device,
+            gateway,
+        )
 
 
 async def _until(online: Callable[[], bool], wanted: bool) -> None:

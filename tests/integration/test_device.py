@@ -166,6 +166,11 @@ def device_process(url: str, state_dir: Path, log: Path) -> Iterator[subprocess.
         "0.1",
         "--mqtt-reconnect-max-s",
         "0.5",
+        # The tests below need rounds that run for minutes, past a board's default bounds.
+        "--max-epochs",
+        "1000",
+        "--min-batch-size",
+        "1",
     ]
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
