@@ -189,6 +189,12 @@ class AggregatorSettings(_RoleSettings):
     max_samples: int = Field(
         100_000, ge=1, description="cap on any child's sample count (its weight)"
     )
+    max_sample_ratio: float = Field(
+        1.5,
+        ge=0,
+        description="cap on any child's sample count: this multiple of the median count "
+        "the children declared (0: off)",
+    )
     clip_factor: float = Field(
         2.0,
         ge=0,

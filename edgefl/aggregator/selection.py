@@ -7,12 +7,13 @@ here reads a clock, publishes or sleeps.
 from __future__ import annotations
 
 import random
+import statistics
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Set
 
 from ..config import AggregatorSettings
 from ..profiles import Decision, EligibilityPolicy, policy_of
-from ..wire import Status
+from ..wire import MAX_COUNTER, Status
 
 
 class Children:
@@ -40,6 +41,7 @@ class Children:
         max_children: int = 10_000,
         max_misses: int = 3,
         max_samples: int = 100_000,
+        sample_ratio: float = 0.0,
     ) -> None:
         self.policy = policy
         self.expected_bytes = expected_bytes
@@ -49,6 +51,8 @@ class Children:
         self.max_children = max_children
         self.max_misses = max_misses
         self.max_samples = max_samples
+        self.sample_ratio = sample_ratio
+        self._median: float | None = None  # of the declared counts; None: to recompute
         self.status: OrderedDict[str, Status | None] = OrderedDict()
         self.delivered: set[str] = set()
         self.declared: dict[str, int] = {}
@@ -74,6 +78,7 @@ class Children:
             max_children=settings.max_children,
             max_misses=settings.max_misses,
             max_samples=settings.max_samples,
+            sample_ratio=settings.max_sample_ratio,
         )
 
     def __contains__(self, child: object) -> bool:
@@ -94,8 +99,15 @@ class Children:
                 self.status[child] = None
 
     def bound(self, child: str) -> int:
-        """The most samples ``child``'s update may weigh."""
-        return min(self.declared.get(child, self.max_samples), self.max_samples)
+        """The most samples ``child``'s update may weigh: what it declared first, at most
+        ``max_samples`` and ``sample_ratio`` times the median of what the children declared
+        (a minority of liars cannot move the median)."""
+        bound = min(self.declared.get(child, self.max_samples), self.max_samples)
+        if self.sample_ratio > 0 and self.declared:
+            if self._median is None:
+                self._median = float(statistics.median(self.declared.values()))
+            bound = min(bound, max(1, int(self.sample_ratio * self._median)))
+        return bound
 
     def update(self, child: str, status: Status | None) -> bool:
         """Record a child's Status; None (an emptied retained topic) forgets the child.
@@ -110,6 +122,7 @@ class Children:
             self.status.pop(child, None)
             for table in (self.misses, self.declared):
                 table.pop(child, None)
+            self._median = None
             self.delivered.discard(child)
             return True
         if child not in self.status and not self._room(child):
@@ -117,10 +130,9 @@ class Children:
             return False
         self.status[child] = status
         self.status.move_to_end(child)
-        if status.samples is not None and child not in self.declared:
-            self.declared[child] = status.samples  # at registration; never raised later
-        elif status.samples is not None:
-            self.declared[child] = min(self.declared[child], status.samples)
+        if status.samples is not None and status.samples < self.declared.get(child, MAX_COUNTER):
+            self.declared[child] = status.samples  # at registration; lowered, never raised
+            self._median = None
         if status.online:
             self._mark_online(child, status)
         return True

@@ -23,8 +23,10 @@ def device_status(
     buffered: int,
     model_version: int | None,
     ts: float,
+    samples: int | None = None,
 ) -> Status:
-    """``uplink_kbps`` is used where the reading has no figure of its own."""
+    """``uplink_kbps`` is used where the reading has no figure of its own; ``samples``
+    (the local data set's size) is the weight bound the device declares to its node."""
     kbps = reading.uplink_kbps if reading.uplink_kbps is not None else uplink_kbps
     return Status(
         online=True,
@@ -35,6 +37,7 @@ def device_status(
         uplink_kbps=None if kbps is None else round(kbps, 1),
         buffered=buffered,
         model_version=model_version,
+        samples=samples,
         eligible=decision.ok,
         reason="" if decision.ok else decision.reason,
         ts=ts,
