@@ -201,3 +201,12 @@ def test_uplink_survives_a_checkpoint_round_trip_with_its_residual() -> None:
     back = Uplink.from_extra(up.to_extra(), 2)
     np.testing.assert_array_equal(back.feedback.residual["x"], up.feedback.residual["x"])
     assert (back.samples_since_sync, back.rounds_since_sync) == (7, 1)
+
+
+def test_a_declared_sample_count_is_capped_at_a_multiple_of_the_median() -> None:
+    kids = Children(policy_of(PolicySettings()), sample_ratio=1.5)
+    for i, n in enumerate((40, 50, 60, 45)):
+        kids.update(f"d{i}", Status(online=True, samples=n))
+    kids.update("liar", Status(online=True, samples=10**12))
+    assert kids.bound("liar") == 75  # 1.5 x the median of 40, 45, 50, 60, 10**12
+    assert kids.bound("d2") == 60 and kids.bound("unknown") == 75
