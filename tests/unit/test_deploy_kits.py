@@ -40,6 +40,15 @@ def test_every_kit_loads_as_device_settings(path: Path, monkeypatch: pytest.Monk
     assert settings.update_dtype == "u8" and settings.error_feedback
 
 
+@pytest.mark.parametrize("path", KITS, ids=lambda p: p.name)
+def test_every_kit_bounds_what_a_model_may_ask_and_says_where_the_keys_go(path: Path) -> None:
+    settings = load_settings(DeviceSettings, path)
+    assert settings.max_epochs <= 20 and settings.min_batch_size >= 8
+    assert settings.max_train_s <= 300 and settings.max_version_jump <= 100
+    text = path.read_text()
+    assert "hmac_key" in text and "parent_key" in text and "--parent" in text
+
+
 def test_the_jetson_kit_trains_on_cuda_in_fp16_and_the_pi_on_the_cpu() -> None:
     jetson = load_settings(DeviceSettings, DEVICES / "jetson.toml")
     pi = load_settings(DeviceSettings, DEVICES / "raspberry-pi.toml")

@@ -31,6 +31,20 @@ def test_kit_loads_as_aggregator_settings(path: Path, monkeypatch: pytest.Monkey
     assert settings.checkpoint and settings.task
 
 
+@pytest.mark.parametrize("path", KITS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_kit_requires_signed_updates_and_says_where_the_model_keys_go(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("EDGEFL_")]:
+        monkeypatch.delenv(name)
+    settings = load_settings(AggregatorSettings, path)
+    assert settings.require_signature  # unsigned updates are refused
+    text = path.read_text()
+    assert "EDGEFL_MODEL_KEY" in text and "model_key" in text  # a secret: not in the file
+    if settings.tier == "gateway":
+        assert "parent_key" in text and settings.max_version_jump == 100
+
+
 def test_cloud_waits_longer_than_a_gateway_sync_cycle() -> None:
     gateway = load_settings(AggregatorSettings, REPO / "gateways" / "gateway.toml")
     cloud = load_settings(AggregatorSettings, REPO / "cloud" / "cloud.toml")
