@@ -232,3 +232,54 @@ async def test_random_sender_ids_cannot_spend_the_rejection_log(
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) < 200  # a bounded number of lines for 2,001 rejections
     assert any("'d1'" in line for line in lines)  # a real child is still heard
+
+
+async def test_a_restart_after_an_attack_resumes_the_same_finite_model(
+    broker: RunningBroker, tmp_path: Path
+) -> None:
+    settings = _settings(broker, tmp_path, quorum=1.0)
+    bomb = msgpack.unpackb(encode_update(make_update("evil", 0, _honest(), dtype="u8")))
+    for t in bomb["tensors"]:
+        t.update(scale=1.3e36, lo=0.0, q=b"\xff" * len(t["q"]))
+    async with harness(broker.url) as h:
+        async with running(settings) as node:
+            await _register(h, ("d1", "d2", "evil"))
+            for r in range(3):
+                await h.wait_model("cloud", r)
+                await h.raw("cloud", "evil", msgpack.packb({**bomb, "seq": 2 * r}))
+                scaled = {n: 1e6 * a for n, a in _honest().items()}
+                await h.send("cloud", make_update("evil", 2 * r + 1, scaled, base=r))
+                for child in ("d1", "d2"):
+                    await h.send("cloud", make_update(child, r, _honest(), base=r))
+                await h.wait_metrics("cloud", event="round", version=r + 1)
+            before = {n: a.copy() for n, a in node.params.items()}
+        async with running(settings) as again:
+            assert again.version == 3
+            for name, value in before.items():
+                np.testing.assert_array_equal(again.params[name], value)
+            assert all(np.isfinite(a).all() for a in again.params.values())
+
+
+async def test_a_node_whose_clipping_engaged_converges_again_on_its_own(
+    broker: RunningBroker, tmp_path: Path
+) -> None:
+    """Honest children pull the model halfway to a target each round; an attacker sends
+    huge updates for three rounds, then stops. No operator touches anything."""
+    target = {n: np.full(s, 3.0, np.float32) for n, s in SHAPES.items()}
+    async with harness(broker.url) as h, running(_settings(broker, tmp_path, quorum=1.0)):
+        await _register(h, (*HONEST, "evil"))
+        clipped = []
+        for r in range(12):
+            model = params_of(await h.wait_model("cloud", r))
+            step = {n: 0.5 * (target[n] - model[n]) for n in model}
+            if r < 3:
+                huge = {n: -1e5 * a for n, a in step.items()}
+                await h.send("cloud", make_update("evil", r, huge, base=r))
+            for child in HONEST:
+                await h.send("cloud", make_update(child, r, step, base=r))
+            m = await h.wait_metrics("cloud", event="round", version=r + 1)
+            clipped.append(m["clipped"])
+            assert m["rejected_total"] == 0  # honest updates are never refused for norm
+        final = params_of(await h.wait_model("cloud", 12))
+    assert clipped[:3] == [1, 1, 1] and sum(clipped[3:]) == 0
+    assert _norm({n: final[n] - target[n] for n in final}) < 0.05 * _norm(target)
