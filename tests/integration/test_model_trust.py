@@ -6,12 +6,9 @@ An attacker who can publish on a node's model topic plays the parent here
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ from edgefl.wire import Model, Reason, TrainConfig, encode_model, model_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 from aggregator_fakes import Harness, TinyTask, harness
+from secure_fleet import serving, until
 
 pytestmark = pytest.mark.integration
 
@@ -64,24 +62,6 @@ async def publish(h: Harness, node: str, m: Model, key: Ed25519PrivateKey | None
     await h.client.publish(h.topics.model(node), encode_model(signed), qos=1, retain=True)
 
 
-async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def serving(member: Any) -> AsyncIterator[Any]:
-    async with member:
-        runner = asyncio.create_task(member.run())
-        try:
-            yield member
-        finally:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-
-
 def device(broker: RunningBroker, tmp_path: Path, task: Task, **extra: Any) -> DeviceAgent:
     settings = DeviceSettings(
         id="dev-1", gateway=GW, mqtt={"broker": broker.url}, state_dir=tmp_path,
@@ -100,17 +80,15 @@ async def test_a_device_with_a_parent_key_trains_only_on_models_its_gateway_sign
     stranger = load_private_key(generate_key_pair()[0])
     params = task.init_params(0)
     rotated = {n: np.roll(a, 1, axis=0) for n, a in params.items()}
-    async with (
-        harness(broker.url) as h,
-        serving(device(broker, tmp_path, task, parent_key=public)) as agent,
-    ):
-        await until(lambda: agent.connected)
+    agent = device(broker, tmp_path, task, parent_key=public)
+    async with harness(broker.url) as h, serving(agent):
+        await until(lambda: agent.connected, 20)
         await publish(h, GW, model(rotated, GW, 1, epochs=100, batch_size=1))  # unsigned
-        await until(lambda: agent.ignored[Reason.BAD_SIGNATURE.value] == 1)
+        await until(lambda: agent.ignored[Reason.BAD_SIGNATURE.value] == 1, 20)
         await publish(h, GW, model(rotated, GW, 2), stranger)  # signed, by someone else
-        await until(lambda: agent.ignored[Reason.BAD_SIGNATURE.value] == 2)
+        await until(lambda: agent.ignored[Reason.BAD_SIGNATURE.value] == 2, 20)
         await publish(h, GW, model(params, GW, 3), load_private_key(private))
-        await until(lambda: agent.last_metrics.get("version") == 3)
+        await until(lambda: agent.last_metrics.get("version") == 3, 20)
     assert agent.rounds_trained == 1 and agent.progress.trained == (3, 3)
     assert agent.last_metrics["version"] == 3 and agent.progress.model_version == 3
 
@@ -121,15 +99,15 @@ async def test_a_device_refuses_older_versions_and_unsigned_leaps_ahead(
     params = task.init_params(0)
     agent = device(broker, tmp_path, task, max_version_jump=10)
     async with harness(broker.url) as h, serving(agent):
-        await until(lambda: agent.connected)
+        await until(lambda: agent.connected, 20)
         await publish(h, GW, model(params, GW, 5))
-        await until(lambda: agent.rounds_trained == 1)
+        await until(lambda: agent.rounds_trained == 1, 20)
         await publish(h, GW, model(params, GW, 16))  # 11 ahead, unsigned
-        await until(lambda: agent.ignored[Reason.VERSION.value] == 1)
+        await until(lambda: agent.ignored[Reason.VERSION.value] == 1, 20)
         await publish(h, GW, model(params, GW, 4))  # back
-        await until(lambda: agent.ignored[Reason.VERSION.value] == 2)
+        await until(lambda: agent.ignored[Reason.VERSION.value] == 2, 20)
         await publish(h, GW, model(params, GW, 15))  # 10 ahead: within the bound
-        await until(lambda: agent.rounds_trained == 2)
+        await until(lambda: agent.rounds_trained == 2, 20)
     assert agent.progress.trained == (15, 15) and agent.progress.model_version == 15
     assert dict(agent.ignored) == {Reason.VERSION.value: 2}
 
@@ -139,9 +117,9 @@ async def test_a_forged_training_config_is_clamped_to_the_devices_bounds(
 ) -> None:
     agent = device(broker, tmp_path, task, max_epochs=2, min_batch_size=64)
     async with harness(broker.url) as h, serving(agent):
-        await until(lambda: agent.connected)
+        await until(lambda: agent.connected, 20)
         await publish(h, GW, model(task.init_params(0), GW, 1, epochs=100, batch_size=1))
-        await until(lambda: agent.last_metrics.get("event") == "round")
+        await until(lambda: agent.last_metrics.get("event") == "round", 20)
     record = agent.last_metrics
     assert agent.clamped == 1 and record["epochs"] == 2
     assert record["steps"] == 2 * math.ceil(len(agent.data) / 64)
@@ -152,10 +130,10 @@ async def test_training_past_max_train_s_is_stopped_and_the_round_skipped(
 ) -> None:
     agent = device(broker, tmp_path, task, max_epochs=1000, min_batch_size=1, max_train_s=0.5)
     async with harness(broker.url) as h, serving(agent):
-        await until(lambda: agent.connected)
+        await until(lambda: agent.connected, 20)
         started = time.monotonic()
         await publish(h, GW, model(task.init_params(0), GW, 1, epochs=1000, batch_size=1))
-        await until(lambda: agent.declined["train_failed"] == 1)
+        await until(lambda: agent.declined["train_failed"] == 1, 20)
         elapsed = time.monotonic() - started
     assert agent.rounds_trained == 0 and agent.outbox is not None
     assert elapsed < 5.0, elapsed  # 1,000 epochs at batch size 1 would take minutes
@@ -187,16 +165,16 @@ async def test_a_gateway_with_a_parent_key_adopts_only_models_the_cloud_signed(
         assert node.link is not None
         rejected = node.rejected.counts
         await publish(h, "cloud", model(forged, "cloud", 1))
-        await until(lambda: rejected[Reason.BAD_SIGNATURE] == 1)
+        await until(lambda: rejected[Reason.BAD_SIGNATURE] == 1, 20)
         await publish(h, "cloud", model(forged, "cloud", 2), stranger)
-        await until(lambda: rejected[Reason.BAD_SIGNATURE] == 2)
+        await until(lambda: rejected[Reason.BAD_SIGNATURE] == 2, 20)
         assert node.link.uplink.parent_version == 0
         await publish(h, "cloud", model(params, "cloud", 3), cloud_key)
         adopted = await h.wait_model("gw-1", 1, timeout=20)  # signed by the gateway in turn
         verify_model(adopted, load_public_key(own_public))
         assert node.link.uplink.parent_version == 3
         await publish(h, "cloud", model(params, "cloud", 2), cloud_key)  # an old one, replayed
-        await until(lambda: rejected[Reason.VERSION] == 1)
+        await until(lambda: rejected[Reason.VERSION] == 1, 20)
     assert node.link.uplink.parent_version == 3 and node.version == 1
 
 
@@ -209,7 +187,7 @@ async def test_a_gateway_without_a_parent_key_refuses_an_unsigned_leap_ahead(
         await h.wait_model("gw-1", 0)
         assert node.link is not None
         await publish(h, "cloud", model(params, "cloud", 1000))
-        await until(lambda: node.rejected.counts[Reason.VERSION] == 1)
+        await until(lambda: node.rejected.counts[Reason.VERSION] == 1, 20)
         assert node.link.uplink.parent_version == 0
         await publish(h, "cloud", model(params, "cloud", 100))
-        await until(lambda: node.link is not None and node.link.uplink.parent_version == 100)
+        await until(lambda: node.link is not None and node.link.uplink.parent_version == 100, 20)
