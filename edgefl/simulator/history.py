@@ -30,6 +30,7 @@ class _Tier:
     bytes_in: int = 0
     bytes_down: int = 0
     staleness_max: int = 0
+    clipped: int = 0
 
 
 @dataclass
@@ -82,6 +83,7 @@ class History:
         t.bytes_in += _int(doc.get("bytes_in"))
         t.bytes_down += self.model_bytes * _int(doc.get("children_online"))
         t.staleness_max = max(t.staleness_max, _int(doc.get("staleness_max")))
+        t.clipped += _int(doc.get("clipped"))
 
     def _cloud_round(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         t = self._tier
@@ -108,6 +110,7 @@ class History:
             "bytes_down_device": t.bytes_down,
             "bytes_down_gateway": self.model_bytes * _int(doc.get("children_online")),
             "staleness_max": t.staleness_max,
+            "clipped": t.clipped,
             "rejected": sum(rejected.values()),
             **{f"rejected_{k}": v for k, v in sorted(rejected.items())},
         }
@@ -160,6 +163,7 @@ def summarize(
             "bytes_down_device",
             "bytes_down_gateway",
             "samples",
+            "clipped",
         )
     }
     rejected: dict[str, int] = defaultdict(int)

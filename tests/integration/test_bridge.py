@@ -90,7 +90,9 @@ async def test_gateway_rounds_go_on_while_the_uplink_is_down_and_sync_when_it_re
             await until(lambda: len(outbox) == 0, timeout=10)
 
             cloud_broker.start()  # same ports, same persisted sessions
-            await until(lambda: cloud.gate.last_seq.get("gw-1", -1) >= last_sync, timeout=60)
+            await until(
+                lambda: cloud.gate.ledger.last_seqs().get("gw-1", -1) >= last_sync, timeout=60
+            )
             await until(lambda: uplink.parent_version > adopted, timeout=60)
             assert cloud.version > cloud_version
             relayed = gateway.version  # the gateway's model built on the new global one
