@@ -140,8 +140,11 @@ class Model(_Strict):
     config: TrainConfig = Field(default_factory=TrainConfig)
     #: device ids asked to train this round; empty means "any eligible child".
     selected: list[str] = Field(default_factory=list)
-    #: wall-clock time (unix seconds) at which the round closes.
+    #: wall-clock time (unix seconds) at which the round closes, on the node's clock.
     deadline: float = 0.0
+    #: the node's clock when it published this: children judge ``deadline - sent_at``
+    #: as a duration from when they received it, so a wrong board clock does not matter.
+    sent_at: float = 0.0
     #: per child, ``(inc, seq)`` of the last update the node settled (folded into a saved
     #: round, or rejected for good): the child may forget every update up to it.
     receipts: dict[str, tuple[int, int]] = Field(default_factory=dict)
@@ -166,6 +169,8 @@ class Status(_Strict):
     samples: int | None = Field(None, ge=0, le=MAX_COUNTER)
     eligible: bool = True
     reason: str = ""
+    #: the round the child declined, with ``reason``: its node stops waiting for it.
+    declined: int | None = Field(None, ge=0, le=MAX_COUNTER)
     ts: float = Field(default_factory=time.time)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -262,7 +262,11 @@ class Aggregator:
             if status.id and status.id != child:
                 log.debug("%s: status on %s names %s; ignored", self.id, child, status.id)
                 return
-        if self.children.update(child, status) and self.round.announced:
+        if not self.children.update(child, status):
+            return
+        if status is not None and status.declined == self.round.number:
+            self.round.declined.add(child)  # it said so: stop waiting for it this round
+        if self.round.announced:
             self._wake.set()
 
     def _on_parent_model(self, payload: bytes) -> None:
@@ -405,6 +409,7 @@ class Aggregator:
             config=s.train,
             selected=list(rnd.selected),
             deadline=rnd.deadline,
+            sent_at=self.clock(),
             receipts=self.gate.ledger.receipts(self.children.known),
         )
         if self._model_key is not None:

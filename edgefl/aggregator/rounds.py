@@ -61,6 +61,8 @@ class Round:
     #: admitted updates waiting to be folded: early for this round, or carried to the next.
     waiting: dict[str, Admitted] = field(default_factory=dict)
     carry: dict[str, Admitted] = field(default_factory=dict)
+    #: children whose Status says they declined this round: not waited for.
+    declined: set[str] = field(default_factory=set)
     samples: int = 0
     bytes_in: int = 0
     staleness_sum: int = 0
@@ -114,8 +116,8 @@ class Round:
         """Children still expected to answer: the selected ones still online, or, for an
         open round, every online eligible child."""
         if self.selected:
-            return {c for c in self.selected if c in online}
-        return online_eligible
+            return {c for c in self.selected if c in online and c not in self.declined}
+        return online_eligible - self.declined if self.declined else online_eligible
 
     def ready(self, now: float, online_eligible: Set[str], online: Set[str]) -> CloseReason | None:
         """Why the round may close now, or None. Never before the first update.

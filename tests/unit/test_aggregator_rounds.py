@@ -210,3 +210,12 @@ def test_a_declared_sample_count_is_capped_at_a_multiple_of_the_median() -> None
     kids.update("liar", Status(online=True, samples=10**12))
     assert kids.bound("liar") == 75  # 1.5 x the median of 40, 45, 50, 60, 10**12
     assert kids.bound("d2") == 60 and kids.bound("unknown") == 75
+
+
+def test_a_child_that_declined_the_round_is_not_waited_for() -> None:
+    r = _round()
+    kids = {"a", "b"}
+    _fold(r, "a")
+    assert r.ready(0.0, kids, kids) is None
+    r.declined.add("b")  # its Status said it declined this round
+    assert r.ready(0.0, kids, kids) == "all"
