@@ -177,6 +177,8 @@ class UpdateGate:
 class Rejections:
     """Refused messages counted by reason, logged at WARNING in bounded lines.
 
+    A redelivery (``duplicate``: the transport is at-least-once, and children resend
+    what was not receipted) is no rejection: it is counted in ``redelivered`` only.
     A known child's (sender, reason) is logged once. Unknown senders (random ids
     cost an attacker nothing) get ``MAX_LOGGED_UNKNOWN`` lines in all; after that,
     one summary line per reason every ``SUMMARY_S`` with how many and from how many.
@@ -185,6 +187,7 @@ class Rejections:
     def __init__(self, node: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.node = node
         self.counts: Counter[Reason] = Counter()
+        self.redelivered = 0
         self._clock = clock
         self._logged: set[tuple[str, Reason]] = set()
         self._unknown_logged = 0
@@ -193,6 +196,9 @@ class Rejections:
         self._summary_at = clock() + SUMMARY_S
 
     def add(self, sender: str, exc: UpdateRejected, *, known: bool = True) -> None:
+        if exc.reason is Reason.DUPLICATE:
+            self.redelivered += 1
+            return
         self.counts[exc.reason] += 1
         key = (sender[:64], exc.reason)
         if key in self._logged:

@@ -609,6 +609,7 @@ class Aggregator:
             children=self.children,
             rejected=self.rejected.counts + self.transport.rejected,
             parent_version=self._parent_version,
+            redelivered=self.rejected.redelivered,
         )
 
     async def _metrics(self, fields: dict[str, MetricValue]) -> None:

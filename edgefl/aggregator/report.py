@@ -22,6 +22,7 @@ def round_fields(
     children: Children,
     rejected: Counter[Reason],
     parent_version: int | None,
+    redelivered: int = 0,
 ) -> dict[str, MetricValue]:
     """The fields every round record carries (``reannounce`` records carry only these).
 
@@ -46,8 +47,10 @@ def round_fields(
         "parent_version": parent_version,
     }
     for reason in Reason:
-        fields[f"rejected_{reason.value}"] = rejected[reason]
+        if reason is not Reason.DUPLICATE:  # a redelivery, not a rejection
+            fields[f"rejected_{reason.value}"] = rejected[reason]
     fields["rejected_total"] = sum(rejected.values())
+    fields["redelivered"] = redelivered
     return fields
 
 

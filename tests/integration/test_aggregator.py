@@ -109,7 +109,6 @@ async def test_every_rejection_is_counted_once_and_a_valid_update_still_lands(
         "oversized": 1,
         "shape": 1,
         "nonfinite": 1,
-        "duplicate": 1,
         "stale": 1,
         "unknown_sender": 2,
         "bad_signature": 1,
@@ -118,6 +117,7 @@ async def test_every_rejection_is_counted_once_and_a_valid_update_still_lands(
     }
     assert {k: m[f"rejected_{k}"] for k in expected} == expected
     assert m["rejected_total"] == sum(expected.values())
+    assert m["redelivered"] == 1  # the duplicate seq: dropped, counted, no rejection
     assert (m["participants"], m["staleness_max"], m["samples"]) == (1, 1, 10)
     warnings = [r.getMessage() for r in caplog.records if "rejected (malformed)" in r.getMessage()]
     assert len([w for w in warnings if "'d1'" in w]) == 1
