@@ -1,7 +1,8 @@
 """Durable FIFO of encoded updates, per-sender sequence numbers and small device state.
 
 One sqlite3 file (WAL, synchronous=FULL): whatever a call returned survives a
-reboot or a ``kill -9``. It must never lose an entry before ``ack``, nor hand out a seq twice.
+reboot or a ``kill -9``. It must never forget an entry before its receipt (or
+``ack``) unless a cap or a full disk forces it, nor hand out a seq twice.
 """
 
 from __future__ import annotations
@@ -17,41 +18,63 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+from .outbox_file import (
+    DiskFull,
+    DiskSpells,
+    NoRoom,
+    checkpoint,
+    is_full,
+    open_database,
+    prepare,
+    require_room,
+)
+
+__all__ = ["DiskFull", "Entry", "Outbox"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic    TEXT    NOT NULL,
-    payload  BLOB    NOT NULL,
-    created  REAL    NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS seqs (sender TEXT PRIMARY KEY, next INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-"""
+#: A resend waits ``resend_after`` seconds, doubled per delivery up to this many times.
+MAX_BACKOFF_DOUBLINGS = 6
+
+_ENTRY = "id, topic, payload, created, attempts, seq, delivered, deliveries"
+#: Eviction order: delivered entries (likely at the node already) first, then the oldest.
+_EVICTION = "ORDER BY delivered IS NULL, id"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One buffered message: ``id`` orders the FIFO and is never reused."""
+    """One buffered message: ``id`` orders the FIFO and is never reused.
+
+    ``seq`` is the update's seq when it was stored with one; ``delivered`` the time
+    of its last PUBACK (None: never acknowledged), ``deliveries`` how many it had.
+    """
 
     id: int
     topic: str
     payload: bytes
     created: float
     attempts: int
+    seq: int | None = None
+    delivered: float | None = None
+    deliveries: int = 0
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    return Entry(row[0], row[1], bytes(row[2]), row[3], row[4], row[5], row[6], row[7])
 
 
 class Outbox:
-    """Updates waiting for a PUBACK, oldest first, bounded by count and bytes.
+    """Updates waiting for delivery and then for their receipt, oldest first, bounded.
 
-    When a cap would be passed the oldest entries are dropped (a device that has
-    been offline for days keeps its newest work), counted in ``dropped``.
-    Calls are serialized by a lock, so the asyncio shell may use a worker thread.
+    An entry stored with a seq stays after its PUBACK (``mark_delivered``) until
+    ``settle`` names its seq; one without a seq leaves at its PUBACK. When a cap
+    would be passed, or the disk is full, delivered entries are forgotten first,
+    then the oldest undelivered ones are dropped (a device that has been offline
+    for days keeps its newest work), counted in ``evicted`` and ``dropped``.
+    Calls are serialized by a lock, so the asyncio shell may use worker threads.
     """
 
     def __init__(
@@ -67,28 +90,26 @@ class Outbox:
         self.path = Path(path)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._clock = clock
-        self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode: every write below runs in an explicit BEGIN IMMEDIATE..COMMIT.
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        with self._tx() as db:
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(stmt)
+        #: unix seconds: stamps ``created`` and ``delivered``; ``due`` compares with it.
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._disk = DiskSpells(self.path)
+        self._db: sqlite3.Connection | None = open_database(self.path)
+        try:
+            self.incarnation = self._write(prepare)
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ FIFO
 
     def put(self, topic: str, payload: builtins.bytes) -> int:
         """Append one message; returns its entry id. Drops the oldest past a cap.
 
-        A payload larger than ``max_bytes`` on its own raises ``ValueError``.
+        A payload larger than ``max_bytes`` on its own raises ``ValueError``; a disk
+        too full for it even once the outbox is empty raises ``DiskFull``.
         """
-        with self._tx() as db:
-            return self._insert(db, topic, payload)
+        return self._write(lambda db: self._insert(db, topic, payload))
 
     def put_with_seq(
         self, sender: str, topic: str, build: Callable[[int], builtins.bytes]
@@ -97,62 +118,123 @@ class Outbox:
 
         Returns ``(entry_id, seq)``. If ``build`` raises, nothing is stored and the
         seq is not consumed; after a crash either both are on disk or neither is.
+        ``build`` may run more than once (a full disk is retried after making room).
         """
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> tuple[int, int]:
             seq = self._take_seq(db, sender)
-            return self._insert(db, topic, build(seq)), seq
+            return self._insert(db, topic, build(seq), sender=sender, seq=seq), seq
+
+        return self._write(write)
 
     def peek(self, limit: int = 16) -> list[Entry]:
-        """Up to ``limit`` entries, oldest first; they stay in the outbox."""
+        """Up to ``limit`` entries, delivered or not, oldest first; they stay in the outbox."""
+        rows = self._read(f"SELECT {_ENTRY} FROM entries ORDER BY id LIMIT ?", (limit,))
+        return [_entry(r) for r in rows]
+
+    def due(
+        self, limit: int = 16, *, resend_after: float, since: float = 0.0, after: int = 0
+    ) -> list[Entry]:
+        """Up to ``limit`` entries to publish now, oldest first, with ids above ``after``.
+
+        Those never delivered, those delivered before ``since`` (in an earlier session:
+        the broker may have lost them), and those whose receipt is late: delivered
+        ``resend_after`` seconds ago, doubled per delivery (at most 64 times that).
+        """
         rows = self._read(
-            "SELECT id, topic, payload, created, attempts FROM entries ORDER BY id LIMIT ?",
-            (limit,),
+            f"SELECT {_ENTRY} FROM entries WHERE id > ? AND (delivered IS NULL "
+            "OR delivered < ? OR delivered + ? * (1 << MIN(deliveries - 1, ?)) <= ?) "
+            "ORDER BY id LIMIT ?",
+            (after, since, resend_after, MAX_BACKOFF_DOUBLINGS, self.clock(), limit),
         )
-        return [Entry(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
+        return [_entry(r) for r in rows]
 
     def mark_attempt(self, entry_id: int) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE entries SET attempts = attempts + 1 WHERE id = ?", (entry_id,))
+        """Count a publish that failed (offline, or no PUBACK in time)."""
+        self._change("UPDATE entries SET attempts = attempts + 1 WHERE id = ?", (entry_id,))
+
+    def mark_delivered(self, entry_id: int) -> None:
+        """The broker acknowledged the entry: it waits for its receipt, or leaves if no
+        receipt can name it (stored without a seq). An unknown id is a no-op."""
+        with self._lock:
+            marked = self._change(
+                "UPDATE entries SET delivered = ?, deliveries = deliveries + 1 "
+                "WHERE id = ? AND seq IS NOT NULL",
+                (self.clock(), entry_id),
+            )
+            if not marked:
+                self.ack(entry_id)
 
     def ack(self, entry_id: int) -> None:
-        """Remove an entry once its PUBACK arrived; an unknown id is a no-op."""
-        with self._tx() as db:
-            db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+        """Remove an entry at once (delivered, for a caller without receipts); unknown ids
+        are ignored."""
+        self._change("DELETE FROM entries WHERE id = ?", (entry_id,))
+
+    def settle(self, sender: str, inc: int, seq: int) -> int:
+        """A receipt: forget ``sender``'s entries up to ``seq`` if ``inc`` is this file's
+        incarnation (one for an earlier file names other updates). Returns how many."""
+        if inc != self.incarnation:
+            return 0
+        return self._change("DELETE FROM entries WHERE sender = ? AND seq <= ?", (sender, seq))
 
     def __len__(self) -> int:
-        return int(self._read("SELECT COUNT(*) FROM entries")[0][0])
+        """Entries not delivered yet (a delivered one waiting for its receipt is not counted)."""
+        return int(self._read("SELECT COUNT(*) FROM entries WHERE delivered IS NULL")[0][0])
 
     @property
     def bytes(self) -> int:
-        """Payload bytes currently buffered."""
-        return int(self._read("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM entries")[0][0])
+        """Payload bytes of the entries not delivered yet."""
+        rows = self._read(
+            "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM entries WHERE delivered IS NULL"
+        )
+        return int(rows[0][0])
+
+    @property
+    def unreceipted(self) -> int:
+        """Entries delivered to the broker and waiting for their receipt."""
+        return int(self._read("SELECT COUNT(*) FROM entries WHERE delivered IS NOT NULL")[0][0])
 
     @property
     def dropped(self) -> int:
-        """Entries dropped to respect the caps, over the whole life of the file."""
-        rows = self._read("SELECT value FROM counters WHERE name = 'dropped'")
-        return int(rows[0][0]) if rows else 0
+        """Undelivered entries dropped for a cap or a full disk, over the life of the file."""
+        return self._counter("dropped")
+
+    @property
+    def evicted(self) -> int:
+        """Delivered entries forgotten before their receipt, for a cap or a full disk."""
+        return self._counter("evicted")
 
     # ------------------------------------------------------- seq and state
 
     def next_seq(self, sender: str) -> int:
         """``sender``'s next sequence number (0, 1, 2, ...), committed before it returns."""
-        with self._tx() as db:
-            return self._take_seq(db, sender)
+        return self._write(lambda db: self._take_seq(db, sender))
 
     def get_state(self, key: str) -> builtins.bytes | None:
         rows = self._read("SELECT value FROM state WHERE key = ?", (key,))
         return bytes(rows[0][0]) if rows else None
 
     def set_state(self, key: str, value: builtins.bytes) -> None:
-        with self._tx() as db:
+        """Store small bytes under ``key``; on a full disk, entries make room for them."""
+
+        def write(db: sqlite3.Connection) -> None:
+            require_room(self.path, len(value))
             db.execute(
                 "INSERT INTO state (key, value) VALUES (?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, sqlite3.Binary(value)),
             )
 
+        self._write(write)
+
     # ------------------------------------------------------------- lifecycle
+
+    @contextmanager
+    def held(self) -> Iterator[Outbox]:
+        """Hold the outbox for several calls from one thread: no other thread's call,
+        nor ``close``, falls between them."""
+        with self._lock:
+            yield self
 
     def close(self) -> None:
         with self._lock:
@@ -182,6 +264,10 @@ class Outbox:
         with self._lock:
             return list(self._conn().execute(sql, args).fetchall())
 
+    def _counter(self, name: str) -> int:
+        rows = self._read("SELECT value FROM counters WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """Hold the lock, BEGIN IMMEDIATE; COMMIT on success, ROLLBACK on any error."""
@@ -190,10 +276,56 @@ class Outbox:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # sqlite has rolled back itself after some errors
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+
+    def _write(self, write: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``write`` in a transaction, then checkpoint (the WAL holds one write at
+        most); on a full disk, evict entries until it fits."""
+        with self._lock:
+            roomy = True
+            while True:
+                try:
+                    with self._tx() as db:
+                        result = write(db)
+                except (sqlite3.OperationalError, NoRoom) as exc:
+                    if not isinstance(exc, NoRoom) and not is_full(exc):
+                        raise
+                    roomy = False
+                    self._disk_full(exc)
+                    if not self._evict_one():
+                        raise DiskFull(f"outbox {self.path}: {exc}") from None
+                    continue
+                self._checkpoint()
+                if roomy:
+                    self._disk.roomy()
+                return result
+
+    def _change(self, sql: str, args: tuple[object, ...]) -> int:
+        """One small statement in a transaction, then a checkpoint; ``DiskFull`` if it
+        does not fit. Returns the rows it changed."""
+        try:
+            with self._tx() as db:
+                changed = int(db.execute(sql, args).rowcount)
+        except sqlite3.OperationalError as exc:
+            if not is_full(exc):
+                raise
+            self._disk_full(exc)
+            raise DiskFull(f"outbox {self.path}: {exc}") from None
+        if changed:
+            self._checkpoint()
+        return changed
+
+    def _checkpoint(self) -> None:
+        with self._lock:
+            checkpoint(self._conn(), self.path)
+
+    def _disk_full(self, exc: Exception) -> None:
+        self._disk.full(exc)
+        self._checkpoint()
 
     def _take_seq(self, db: sqlite3.Connection, sender: str) -> int:
         row = db.execute("SELECT next FROM seqs WHERE sender = ?", (sender,)).fetchone()
@@ -205,12 +337,21 @@ class Outbox:
         )
         return seq
 
-    def _insert(self, db: sqlite3.Connection, topic: str, payload: builtins.bytes) -> int:
+    def _insert(
+        self,
+        db: sqlite3.Connection,
+        topic: str,
+        payload: builtins.bytes,
+        *,
+        sender: str | None = None,
+        seq: int | None = None,
+    ) -> int:
         if len(payload) > self.max_bytes:
             raise ValueError(f"payload of {len(payload)} bytes exceeds max_bytes={self.max_bytes}")
+        require_room(self.path, len(payload))
         cur = db.execute(
-            "INSERT INTO entries (topic, payload, created) VALUES (?, ?, ?)",
-            (topic, sqlite3.Binary(payload), self._clock()),
+            "INSERT INTO entries (topic, payload, created, sender, seq) VALUES (?, ?, ?, ?, ?)",
+            (topic, sqlite3.Binary(payload), self.clock(), sender, seq),
         )
         entry_id = int(cur.lastrowid or 0)
         self._trim(db)
@@ -222,23 +363,54 @@ class Outbox:
         ).fetchone()
         if count <= self.max_entries and total <= self.max_bytes:
             return
-        dropped = 0
-        # Oldest first; the newest entry always fits (checked in _insert), so this ends.
-        oldest = db.execute("SELECT id, LENGTH(payload) FROM entries ORDER BY id").fetchall()
-        for entry_id, size in oldest:
+        gone = {"dropped": 0, "evicted": 0}
+        # The newest entry always fits (checked in _insert), so this ends before it.
+        for entry_id, size, delivered in db.execute(
+            f"SELECT id, LENGTH(payload), delivered IS NOT NULL FROM entries {_EVICTION}"
+        ).fetchall():
             if count <= self.max_entries and total <= self.max_bytes:
                 break
             db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
-            count, total, dropped = count - 1, total - size, dropped + 1
-        db.execute(
-            "INSERT INTO counters (name, value) VALUES ('dropped', ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (dropped,),
-        )
-        log.warning(
-            "outbox %s full: dropped %d oldest entries (caps: %d entries, %d bytes)",
+            count, total = count - 1, total - size
+            gone["evicted" if delivered else "dropped"] += 1
+        self._count(db, gone)
+        level = logging.WARNING if gone["dropped"] else logging.DEBUG
+        log.log(
+            level,
+            "outbox %s full: dropped %d oldest entries, forgot %d delivered "
+            "(caps: %d entries, %d bytes)",
             self.path,
-            dropped,
+            gone["dropped"],
+            gone["evicted"],
             self.max_entries,
             self.max_bytes,
         )
+
+    def _evict_one(self) -> bool:
+        """Make room on a full disk: delete one entry, eviction order. False if none fits."""
+        try:
+            with self._tx() as db:
+                row = db.execute(
+                    f"SELECT id, delivered IS NOT NULL FROM entries {_EVICTION} LIMIT 1"
+                ).fetchone()
+                if row is None:
+                    return False
+                db.execute("DELETE FROM entries WHERE id = ?", (row[0],))
+                self._count(db, {"evicted" if row[1] else "dropped": 1})
+        except sqlite3.OperationalError as exc:
+            if not is_full(exc):
+                raise
+            return False  # not even a delete fits: wait for the disk to have room
+        log.debug("outbox %s: disk full: removed entry %d to make room", self.path, row[0])
+        self._checkpoint()
+        return True
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, counts: dict[str, int]) -> None:
+        for name, n in counts.items():
+            if n:
+                db.execute(
+                    "INSERT INTO counters (name, value) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    (name, n),
+                )
