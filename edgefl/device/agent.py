@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, DeviceSettings
-from ..outbox import Outbox
+from ..outbox import DiskFull, Outbox
 from ..params import l2_norm
 from ..profiles import Decision, Reading, UplinkEstimator
 from ..signing import check_model, load_public_key
@@ -58,6 +58,8 @@ GOODBYE_TIMEOUT_S = 2.0
 STATUS_POLL_S = 5.0
 #: How often an injected ``online()`` is asked while the agent waits for it to change.
 LINK_POLL_S = 0.25
+#: How often the outbox is looked at for updates whose receipt is late.
+RESEND_POLL_S = 5.0
 #: Update metrics that travel inside the Update itself (the rest go to the metrics topic).
 UPDATE_METRICS = ("loss", "loss_before", "train_ms", "samples")
 
@@ -150,21 +152,24 @@ class DeviceAgent:
 
     async def __aenter__(self) -> DeviceAgent:
         s = self.settings
-        box = Outbox(
-            self.state_path, max_entries=s.outbox_max_entries, max_bytes=s.outbox_max_bytes
+        # An unreadable file is set aside there and a new one (new incarnation) created.
+        box = await asyncio.to_thread(
+            Outbox, self.state_path, max_entries=s.outbox_max_entries, max_bytes=s.outbox_max_bytes
         )
         self.outbox = box
         self.progress = Progress.load(box.get_state(PROGRESS_KEY))
         if self.encoder.error_feedback:
             self.encoder.feedback.residual = self.progress.residual
         log.info(
-            "device %s: task %s, %d samples, gateway %s at %s, %d updates buffered",
+            "device %s: task %s, %d samples, gateway %s at %s, %d updates buffered, "
+            "%d waiting for a receipt",
             self.id,
             s.task,
             len(self.data),
             s.gateway,
             s.mqtt.broker,
             len(box),
+            box.unreceipted,
         )
         return self
 
@@ -232,6 +237,7 @@ class DeviceAgent:
 
     async def _on_connect(self) -> None:
         self.last_status = None  # a restarted broker lost our retained status
+        self.uploader.new_session()  # and maybe the updates it acknowledged: send them again
         self._status_due.set()
         self._flush_due.set()
 
@@ -256,6 +262,7 @@ class DeviceAgent:
             return
         # Accepted: the gateway's own model (when parent_key is set), not older than the
         # one held. What acts on an accepted model goes from here on.
+        self._note_receipt(model)
         if model.version != self.progress.model_version:
             self.progress.model_version = model.version
             self._status_due.set()
@@ -343,7 +350,10 @@ class DeviceAgent:
             self.progress.trained = key
             return
         stored = time.perf_counter()
-        seq, size, encode_ms = self._store(model, result, tensors)
+        made = await self._store(model, result, tensors)
+        if made is None:
+            return  # the disk is full: logged and counted in declined
+        seq, size, encode_ms = made
         store_ms = (time.perf_counter() - stored) * 1000.0
         self.rounds_trained += 1
         self._status_due.set()  # buffered changed
@@ -418,15 +428,17 @@ class DeviceAgent:
         tensors = self.encoder.tensors(result.delta, model.round)
         return result, tensors, (time.perf_counter() - start) * 1000.0
 
-    def _store(
+    async def _store(
         self, model: Model, result: TrainResult, tensors: list[QTensor]
-    ) -> tuple[int, int, float]:
+    ) -> tuple[int, int, float] | None:
         """Save the progress (round trained, residual), then seq, signature and entry.
 
-        Two outbox transactions with no await between them, so a stop cannot fall
-        there. Progress first: a crash between the two loses this round's update
-        rather than letting the restarted device train the round again and send it
-        twice (an aggregator dedupes by seq, not by round).
+        Two outbox transactions in one worker thread that holds the outbox, so
+        neither a stop nor another call falls between them. Progress first: a crash
+        between the two loses this round's update rather than letting the restarted
+        device train the round again and send it twice (a node dedupes by seq, not
+        by round). None when the disk has no room for them even with the outbox
+        emptied: the round is counted as ``disk_full`` and the device goes on.
         """
         box = self._box()
         made: dict[str, float] = {}
@@ -441,21 +453,38 @@ class DeviceAgent:
                 base=model.version,
                 n=result.n,
                 metrics=metrics,
+                inc=box.incarnation,
             )
             made["encode_ms"] = (time.perf_counter() - start) * 1000.0
             made["size"] = len(payload)
             return payload
 
+        def write() -> int:
+            with box.held():
+                box.set_state(PROGRESS_KEY, self.progress.dump())
+                return box.put_with_seq(self.id, self.update_topic, build)[1]
+
         self.progress.trained = (model.round, model.version)
         self.progress.residual = self.encoder.feedback.residual
-        box.set_state(PROGRESS_KEY, self.progress.dump())
-        _, seq = box.put_with_seq(self.id, self.update_topic, build)
+        try:
+            seq = await asyncio.to_thread(write)
+        except DiskFull as exc:
+            self.declined["disk_full"] += 1
+            log.warning(
+                "device %s: round %d (v%d) trained, update not stored: %s",
+                self.id,
+                model.round,
+                model.version,
+                exc,
+            )
+            return None
         return seq, int(made["size"]), made["encode_ms"]
 
     # ---------------------------------------------------------------- outbox
     async def _flusher(self) -> None:
         while True:
-            await self._flush_due.wait()
+            # Also polled: a delivered update whose receipt is late becomes due again.
+            await wait_event(self._flush_due, RESEND_POLL_S)
             self._flush_due.clear()
             await self._flush()
 
@@ -464,6 +493,12 @@ class DeviceAgent:
         if sent:
             self._status_due.set()  # buffered changed
         return sent, ms
+
+    def _note_receipt(self, model: Model) -> None:
+        """An accepted model from the gateway: its receipt for us clears the outbox."""
+        self.uploader.note(model, self.id)
+        if self.id in model.receipts:
+            self._flush_due.set()
 
     # ------------------------------------------------------- status, metrics
     async def _heartbeat(self) -> None:

@@ -87,7 +87,10 @@ class UpdateEncoder:
         base: int,
         n: int,
         metrics: Mapping[str, float],
+        inc: int = 0,
     ) -> bytes:
+        """The signed Update bytes; ``inc`` is the outbox's incarnation, by which a node
+        tells this device's seqs from those of an earlier (lost) outbox."""
         update = Update(
             sender=self.sender,
             seq=seq,
@@ -96,6 +99,7 @@ class UpdateEncoder:
             n=int(n),  # a task may count its samples in a numpy integer
             metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
             tensors=tensors,
+            inc=inc,
         )
         return encode_update(sign(update, self.key) if self.key else update)
 

@@ -315,8 +315,16 @@ class CountingOutbox:
         self._buffer(entry_id)
         self._inner.mark_attempt(entry_id)
 
+    def mark_delivered(self, entry_id: int) -> None:
+        """The agent's PUBACK (the entry then waits for its receipt): counted once."""
+        self._inner.mark_delivered(entry_id)
+        self._delivered(entry_id)
+
     def ack(self, entry_id: int) -> None:
         self._inner.ack(entry_id)
+        self._delivered(entry_id)
+
+    def _delivered(self, entry_id: int) -> None:
         self._tally.bytes_up += self._sizes.pop(entry_id, 0)
         if entry_id in self._tally._late_ids:
             self._tally._late_ids.discard(entry_id)

@@ -407,8 +407,10 @@ async def test_connection_lost_mid_flush_loses_and_duplicates_nothing(
     assert proxy.cuts == 1 and connects >= 2
     assert sorted({u.seq for u in gw.updates}) == list(range(entries))
     assert all(u.tensors[0].q == payload for u in gw.updates)
-    # Re-sent only what was in flight when the link dropped (PUBACK lost), never more.
-    assert entries <= len(gw.updates) <= entries + settings.mqtt.max_inflight
+    # The new session re-sent what the first one delivered or had in flight (the broker
+    # may have lost it, and no receipt came), each once; the node dedupes by seq.
+    sent = [u.seq for u in gw.updates]
+    assert all(sent.count(seq) <= 2 for seq in range(entries))
 
 
 def _update_bytes(seq: int, payload: bytes) -> bytes:
