@@ -171,11 +171,14 @@ class Outbox:
         self._change("DELETE FROM entries WHERE id = ?", (entry_id,))
 
     def settle(self, sender: str, inc: int, seq: int) -> int:
-        """A receipt: forget ``sender``'s entries up to ``seq`` if ``inc`` is this file's
-        incarnation (one for an earlier file names other updates). Returns how many."""
+        """A receipt: forget ``sender``'s delivered entries up to ``seq`` if ``inc`` is this
+        file's incarnation (one for an earlier file names other updates). One never
+        acknowledged stays: a later seq may have overtaken it. Returns how many."""
         if inc != self.incarnation:
             return 0
-        return self._change("DELETE FROM entries WHERE sender = ? AND seq <= ?", (sender, seq))
+        return self._change(
+            "DELETE FROM entries WHERE sender = ? AND seq <= ? AND deliveries > 0", (sender, seq)
+        )
 
     def __len__(self) -> int:
         """Entries not delivered yet (a delivered one waiting for its receipt is not counted)."""

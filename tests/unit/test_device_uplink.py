@@ -220,8 +220,9 @@ async def test_the_outbox_is_used_from_worker_threads_never_the_event_loop(
     tmp_path: Path,
 ) -> None:
     spy, uploader = Spy(_updates(tmp_path, 3)), Uploader()
-    uploader.note(_model({DEV: (spy.inner.incarnation, 0)}), DEV)
     await uploader.flush(spy, FakeTransport(fail_at=2))  # type: ignore[arg-type]
+    uploader.note(_model({DEV: (spy.inner.incarnation, 0)}), DEV)
+    await uploader.flush(spy, None)  # type: ignore[arg-type]
     assert spy.threads and threading.get_ident() not in spy.threads
     assert [e.seq for e in spy.inner.peek()] == [1, 2]
 
