@@ -151,6 +151,23 @@ class UpdateGate:
         self._check_signature(update)
         if self.ledger.seen(sender, update.inc, update.seq):
             raise UpdateRejected(Reason.DUPLICATE, f"seq {update.seq} (inc {update.inc}) again")
+        try:
+            norm = self._check_content(update, version, measure)
+        except UpdateRejected:
+            # Refused for good, from its (authenticated) sender: settled, so that its
+            # receipt lets the child forget it instead of resending it for ever.
+            self.ledger.settle(sender, update.inc, update.seq)
+            raise
+        self.ledger.take(sender, update.inc, update.seq)
+        return Admitted(update, max(1, min(update.n, bound(sender))), norm)
+
+    def _check_content(
+        self,
+        update: Update,
+        version: int,
+        measure: Callable[[Sequence[QTensor]], float] | None,
+    ) -> float:
+        """Staleness, finite values and the norm; returns the norm."""
         staleness = version - update.base
         if not 0 <= staleness <= self.max_staleness:
             raise UpdateRejected(
@@ -163,8 +180,7 @@ class UpdateGate:
             raise UpdateRejected(Reason.NONFINITE, f"norm {norm:.3g} would overflow the fold")
         if self.max_norm is not None and not norm <= self.max_norm:
             raise UpdateRejected(Reason.NORM, f"norm {norm:.4g} > {self.max_norm:.4g}")
-        self.ledger.take(sender, update.inc, update.seq)
-        return Admitted(update, max(1, min(update.n, bound(sender))), norm)
+        return norm
 
     def _check_signature(self, update: Update) -> None:
         key = self.keys.get(update.sender, self.keys.get("*"))

@@ -74,8 +74,21 @@ class Ledger:
             self._settled.popitem(last=False)
 
     def receipt(self, sender: str) -> tuple[int, int] | None:
+        """``(inc, seq)``: the child may forget its updates up to ``seq``.
+
+        The highest settled seq that is neither above the last one settled (a forged
+        huge seq is overtaken by the sender's next real one) nor above any update
+        still taken but unsettled (one carried to the next round, say)."""
         entry = self._settled.get(sender)
-        return (entry.inc, entry.last) if entry is not None and entry.last >= 0 else None
+        if entry is None or entry.last < 0:
+            return None
+        limit = entry.last
+        pending = [seq for inc, seq in self._taken.get(sender, ()) if inc == entry.inc]
+        if pending:
+            limit = min(limit, min(pending) - 1)
+        below = [seq for seq in entry.top if seq <= limit]
+        best = max(below) if below else (entry.floor if entry.floor <= limit else -1)
+        return (entry.inc, best) if best >= 0 else None
 
     def receipts(self, senders: Any = None) -> dict[str, tuple[int, int]]:
         """``{sender: (inc, last seq settled)}`` for ``senders`` (default: all)."""

@@ -66,18 +66,22 @@ def test_every_reason_is_raised_by_its_own_check() -> None:
     assert _reason(gate, good, sender="d2") is Reason.UNKNOWN_SENDER  # topic != payload
     gate.admit(good, "d1", 3, measure=_norm)
     assert _reason(gate, good) is Reason.DUPLICATE
+    gate.ledger.settle("d1", 0, 0)  # its round closed
     assert _reason(gate, encode_update(_update(seq=1, base=0))) is Reason.STALE
-    assert _reason(gate, encode_update(_update(seq=1, base=4))) is Reason.STALE  # unknown base
+    assert _reason(gate, encode_update(_update(seq=2, base=4))) is Reason.STALE  # unknown base
+    # Refused for good: settled, so the child's receipt covers it and a resend is a duplicate.
+    assert gate.ledger.receipt("d1") == (0, 2)
+    assert _reason(gate, encode_update(_update(seq=2, base=3))) is Reason.DUPLICATE
     forged = sign(_update("signed"), b"wrong key")
     assert _reason(gate, encode_update(forged), sender="signed") is Reason.BAD_SIGNATURE
     assert _reason(gate, encode_update(_update("signed")), sender="signed") is Reason.BAD_SIGNATURE
-    assert _reason(gate, encode_update(_update(seq=2, value=1.0))) is Reason.NORM
+    assert _reason(gate, encode_update(_update(seq=3, value=1.0))) is Reason.NORM
     # The signature is checked before staleness: a wrong key on an old base is a forgery.
     old = sign(_update("signed", base=0), b"wrong key")
     assert _reason(gate, encode_update(old), sender="signed") is Reason.BAD_SIGNATURE
     gate.admit(encode_update(sign(_update("signed"), KEY)), "signed", 3)
     # Rejections never take a seq: only d1/0 and signed/0 are in the ledger.
-    assert gate.ledger.seen("signed", 0, 0) and not gate.ledger.seen("d1", 0, 2)
+    assert gate.ledger.seen("signed", 0, 0) and not gate.ledger.seen("d1", 0, 4)
 
 
 def test_unknown_senders_by_allow_list_or_missing_status() -> None:
@@ -138,6 +142,10 @@ def test_a_new_incarnation_is_accepted_from_seq_zero_and_a_forged_seq_locks_nobo
         gate.admit(encode_update(msgspec.structs.replace(_update(seq=seq), inc=77)), "d1", 3)
         gate.ledger.settle("d1", 77, seq)
     assert gate.ledger.receipt("d1") == (77, 29)
+    gate.admit(encode_update(msgspec.structs.replace(_update(seq=31), inc=77)), "d1", 3)
+    gate.ledger.take("d1", 77, 30)  # taken, not settled (carried to the next round)
+    gate.ledger.settle("d1", 77, 31)
+    assert gate.ledger.receipt("d1") == (77, 29)  # never past an update still open
 
 
 def test_rejection_logging_is_bounded_for_unknown_senders_and_summarized(
