@@ -137,6 +137,7 @@ class DeviceAgent:
         self.last_metrics: dict[str, MetricValue] = {}
         self.last_status: Status | None = None
         self._latest: Model | None = None
+        self._received_at = 0.0  # our clock when the latest model arrived
         self._declined_for: tuple[tuple[int, int], str] | None = None
         self._stop = threading.Event()
         self._model_due = asyncio.Event()
@@ -266,7 +267,7 @@ class DeviceAgent:
         if model.version != self.progress.model_version:
             self.progress.model_version = model.version
             self._status_due.set()
-        self._latest = model
+        self._latest, self._received_at = model, self.clock()
         self._model_due.set()
 
     # ---------------------------------------------------------------- rounds
@@ -297,21 +298,37 @@ class DeviceAgent:
                 await transport.wait_connected(SESSION_WAIT_S)
 
     def _decide(self, reading: Reading, model: Model | None) -> Decision:
+        now = self.clock()
         return decide(
             self.policy,
             self.settings.policy,
             reading,
             expected_bytes=self.expected_bytes,
-            deadline=0.0 if model is None else model.deadline,
-            now=self.clock(),
+            deadline=self._deadline(model),
+            now=now,
         )
+
+    def _deadline(self, model: Model | None) -> float:
+        """The latest model's deadline on *our* clock (0: none).
+
+        The node says how long the round had left when it published (``deadline -
+        sent_at``, both on its clock); that duration counts from when the model
+        arrived here, so a board whose clock is off (no RTC before NTP) is not fooled.
+        A node that sends no ``sent_at`` is judged by wall-clock time, as before.
+        """
+        if model is None or model.deadline <= 0:
+            return 0.0
+        if model.sent_at <= 0:
+            return model.deadline
+        return self._received_at + (model.deadline - model.sent_at)
 
     def _pending(self) -> Model | None:
         """The latest model if it was declined and its deadline is still ahead."""
         model, declined = self._latest, self._declined_for
         if model is None or declined is None or declined[0] != (model.round, model.version):
             return None
-        if declined[1] == DEADLINE_PASSED or 0 < model.deadline <= self.clock():
+        now = self.clock()
+        if declined[1] == DEADLINE_PASSED or 0 < self._deadline(model) <= now:
             return None
         return model
 
@@ -322,8 +339,11 @@ class DeviceAgent:
         self._declined_for = (key, reason)
         self.declined[reason] += 1
         log.info("device %s: round %d (v%d) declined: %s", self.id, *key, reason)
-        if reason != DEADLINE_PASSED:  # a late model says nothing about the device itself
-            await self._publish_status(reading, Decision(False, reason))
+        # Said in the Status, so the node stops waiting for us this round. A late model
+        # says nothing about the device itself: it stays eligible for the next one.
+        late = reason == DEADLINE_PASSED
+        verdict = self._decide(reading, None) if late else Decision(False, reason)
+        await self._publish_status(reading, verdict, declined=(key[0], reason))
         fields: dict[str, MetricValue] = {
             "event": "declined",
             "round": key[0],
@@ -515,8 +535,12 @@ class DeviceAgent:
                 self._flush_due.set()
             await self._publish_status(reading, decision)
 
-    async def _publish_status(self, reading: Reading, decision: Decision) -> None:
-        """Publish on a change (battery in whole percent) or once the heartbeat is due."""
+    async def _publish_status(
+        self, reading: Reading, decision: Decision, declined: tuple[int, str] | None = None
+    ) -> None:
+        """Publish on a change (battery in whole percent) or once the heartbeat is due.
+
+        ``declined``: the round just declined and why, which the node reads."""
         status = device_status(
             self.id,
             reading,
@@ -525,6 +549,8 @@ class DeviceAgent:
             buffered=len(self._box()),
             model_version=self.progress.model_version,
             ts=self.clock(),
+            samples=len(self.data),
+            declined=declined,
         )
         now = time.monotonic()
         last = self.last_status

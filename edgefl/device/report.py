@@ -24,6 +24,7 @@ def device_status(
     model_version: int | None,
     ts: float,
     samples: int | None = None,
+    declined: tuple[int, str] | None = None,
 ) -> Status:
     """``uplink_kbps`` is used where the reading has no figure of its own; ``samples``
     (the local data set's size) is the weight bound the device declares to its node."""
@@ -39,7 +40,8 @@ def device_status(
         model_version=model_version,
         samples=samples,
         eligible=decision.ok,
-        reason="" if decision.ok else decision.reason,
+        reason=declined[1] if declined else "" if decision.ok else decision.reason,
+        declined=declined[0] if declined else None,
         ts=ts,
     )
 
@@ -56,6 +58,7 @@ def status_key(status: Status) -> tuple[Any, ...]:
         status.model_version,
         status.eligible,
         status.reason,
+        status.declined,
     )
 
 
