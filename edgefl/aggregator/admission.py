@@ -19,7 +19,16 @@ import numpy as np
 from ..config import AggregatorSettings
 from ..fedavg import StalenessKind, staleness_weight
 from ..params import Spec
-from ..wire import MAX_COUNTER, QTensor, Reason, Update, UpdateRejected, decode_update, verify
+from ..wire import (
+    MAX_COUNTER,
+    QTensor,
+    Reason,
+    Update,
+    UpdateRejected,
+    check_tensors,
+    decode_update,
+    verify,
+)
 from .ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -59,11 +68,13 @@ def dequantized_finite(tensors: Sequence[QTensor]) -> bool:
 class UpdateGate:
     """Decodes and checks children's updates in the order of the design's rejection list.
 
-    Checks: decode (malformed, oversized, shape, non-finite ``lo``/``scale``),
-    topic sender and allow-list (unknown_sender), signature (bad_signature, before
-    anything that trusts the content), ``(inc, seq)`` taken or settled already
-    (duplicate), ``0 <= version - base <= max_staleness`` (stale), dequantized values
-    and norm (nonfinite; above the absolute ``max_norm``: norm). The sample count is
+    Checks: decode (malformed, oversized), topic sender and allow-list
+    (unknown_sender), signature (bad_signature, before anything that trusts the
+    content), ``(inc, seq)`` taken or settled already (duplicate), then the content:
+    sizes and shapes (shape), ``0 <= version - base <= max_staleness`` (stale),
+    finite ``lo``/``scale``/values and norm (nonfinite; above the absolute
+    ``max_norm``: norm). A content rejection is settled: the sender's receipt
+    covers it. The sample count is
     capped by ``bound(sender)``. The ledger moves only when an update is admitted, so
     a rejected update never shadows a later valid one.
     """
@@ -140,7 +151,7 @@ class UpdateGate:
         measure: Callable[[Sequence[QTensor]], float] | None = None,
     ) -> Admitted:
         """Check one update received on ``.../update/{topic_sender}`` at model ``version``."""
-        update = decode_update(payload, self.spec, max_bytes=self.max_bytes)
+        update = decode_update(payload, max_bytes=self.max_bytes, check=False)
         sender = update.sender
         if sender != topic_sender:
             raise UpdateRejected(
@@ -167,7 +178,8 @@ class UpdateGate:
         version: int,
         measure: Callable[[Sequence[QTensor]], float] | None,
     ) -> float:
-        """Staleness, finite values and the norm; returns the norm."""
+        """Sizes, shapes, staleness, finite values and the norm; returns the norm."""
+        check_tensors(update, self.spec)
         staleness = version - update.base
         if not 0 <= staleness <= self.max_staleness:
             raise UpdateRejected(

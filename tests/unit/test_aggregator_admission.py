@@ -58,9 +58,9 @@ def test_every_reason_is_raised_by_its_own_check() -> None:
     good = encode_update(_update())
     assert _reason(gate, b"\x00garbage") is Reason.MALFORMED
     assert _reason(gate, good + b"\x00" * 5000) is Reason.OVERSIZED
-    wrong = msgspec.structs.replace(_update(), tensors=float_params({"w": np.zeros(6)}))
+    wrong = msgspec.structs.replace(_update(seq=10), tensors=float_params({"w": np.zeros(6)}))
     assert _reason(gate, encode_update(wrong)) is Reason.SHAPE
-    nan = msgpack.unpackb(encode_update(_update()))
+    nan = msgpack.unpackb(encode_update(_update(seq=11)))
     nan["tensors"][0].update(dtype="u8", q=bytes(6), lo=float("nan"))
     assert _reason(gate, msgpack.packb(nan)) is Reason.NONFINITE
     assert _reason(gate, good, sender="d2") is Reason.UNKNOWN_SENDER  # topic != payload
