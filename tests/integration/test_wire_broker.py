@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from timeouts import within
 
 from edgefl import quant, wire
 from edgefl.broker import RunningBroker
@@ -34,7 +35,7 @@ async def _send_and_receive(broker: RunningBroker, max_message_bytes: int) -> tu
         await tx.wait_connected(10)
         await rx.subscribe(Topics().updates_of("gw-1"))
         await asyncio.sleep(0.2)  # SUBACK settles before the first publish
-        async with asyncio.timeout(30):
+        async with within(30):
             await tx.publish(topic, payload)
             message = await anext(rx.messages())
     assert message.topic == topic
@@ -66,5 +67,5 @@ async def test_a_whole_payload_over_the_broker_limit_is_refused(
     async with Transport(settings, "tx") as tx:
         await tx.wait_connected(10)
         with pytest.raises(NotConnected):
-            async with asyncio.timeout(20):
+            async with within(20):
                 await tx.publish("edgefl/gw-1/update/dev-1", _encoded_update(), timeout=5)

@@ -10,63 +10,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
+import math
 import socket
 import ssl
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import aiomqtt
-import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .config import MqttSettings
-from .wire import Reason, Reassembler, UpdateRejected, is_chunk, split
+from ..config import MqttSettings
+from ..supervise import all_completed, first_completed
+from ..wire import Reason, UpdateRejected
+from .base import Message, NotConnected, PublishTimeout, Will
+from .chunks import Reassembler, chunk_source, chunk_topic, is_chunk, split
+from .link import Link, OnConnect
 
 log = logging.getLogger(__name__)
 
 #: How long an MQTT 5 broker keeps a persistent session of a client that is away.
 SESSION_EXPIRY_S = 7 * 24 * 3600
+#: SUBSCRIBEs sent for one topic on one connection before it is given up as broken.
+SUBSCRIBE_TRIES = 3
 
 
-class NotConnected(ConnectionError):
-    """The broker is not reachable right now; the caller keeps its data and retries."""
+class _NoSubAck(Exception):
+    """The broker acknowledged none of our SUBSCRIBEs for a topic: reconnect."""
 
 
-class PublishTimeout(TimeoutError):
-    """The broker did not acknowledge a QoS 1 publish within the timeout."""
+class _LateAck(logging.Filter):
+    """aiomqtt logs an acknowledgement nobody waits for any more as an error with a
+    ``KeyError`` traceback. After a bounded subscribe gave up and asked again
+    (aiomqtt issue #356: a SUBACK can be lost, or come late), one is expected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Unexpected message ID"):
+            return True
+        log.debug("%s (an acknowledgement after its request was retried)", record.getMessage())
+        return False
 
 
-@dataclass(frozen=True)
-class Message:
-    topic: str
-    payload: bytes
-    retain: bool = False
-
-
-@dataclass(frozen=True)
-class Will:
-    topic: str
-    payload: bytes
-    retain: bool = True
-    qos: int = 1
-
-
-OnConnect = Callable[[], Awaitable[None]]
-
-
-def chunk_topic(topic: str, index: int) -> str:
-    """Where chunk ``index`` of a retained payload on ``topic`` is kept."""
-    return f"{topic}/chunk/{index}"
-
-
-def chunk_source(topic: str) -> str:
-    """The topic a (retained) chunk belongs to."""
-    head, sep, tail = topic.rpartition("/chunk/")
-    return head if sep and tail.isdigit() else topic
+_AIOMQTT_LOG = logging.getLogger(f"{__name__}.aiomqtt")
+_AIOMQTT_LOG.addFilter(_LateAck())
 
 
 def _handoff(deliver: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
@@ -104,8 +90,10 @@ def _no_delay(client: aiomqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class Transport:
+class Transport(Link):
     """A long-lived MQTT session that survives broker restarts and network loss."""
+
+    outages = (aiomqtt.MqttError, _NoSubAck, NotConnected)
 
     def __init__(
         self,
@@ -119,64 +107,29 @@ class Transport:
         queue_size: int = 0,
         persistent: bool = False,
         on_message: Callable[[Message], None] | None = None,
+        subscribe_timeout_s: float = 10.0,
     ) -> None:
+        super().__init__(
+            client_id,
+            will=will,
+            persistent=persistent,
+            on_connect=on_connect,
+            on_message=on_message,
+            queue_size=queue_size,
+            reconnect_min_s=settings.reconnect_min_s,
+            reconnect_max_s=settings.reconnect_max_s,
+            where=settings.broker,
+        )
         self.settings = settings
-        self.client_id = client_id
-        self.will = will
-        #: Keep the broker session (subscriptions and queued QoS 1 messages) across
-        #: disconnects and restarts of this client id: what arrives while we are away
-        #: waits for us instead of being dropped.
-        self.persistent = persistent
-        self._on_connect = on_connect
-        #: Called with each whole message as it is read, instead of queueing it for
-        #: ``messages()``: no task switch per message. It must not block; what it
-        #: raises is logged with its traceback and the session goes on.
-        self._on_message = on_message
-        self._subscriptions: dict[str, int] = {}
+        self.subscribe_timeout_s = subscribe_timeout_s
         self._client: aiomqtt.Client | None = None
-        self._connected = asyncio.Event()
         self._lost = asyncio.Event()  # set when the current connection drops
-        self._inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
+        self._restart = asyncio.Event()  # set to drop a connection that is not usable
         self._inflight = asyncio.Semaphore(settings.max_inflight)
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self._retained_chunks: dict[str, int] = {}
         self.reassembler = Reassembler(
             max_payload_bytes=max_payload_bytes, timeout_s=reassembly_timeout_s
         )
-        self.rejected: Counter[Reason] = Counter()
-        self.connects = 0
-        self.bytes_out = 0
-        self.bytes_in = 0
-        self.messages_out = 0
-        #: messages dropped because a bounded inbox (``queue_size``) was full
-        self.dropped = 0
-
-    # --------------------------------------------------------------- lifecycle
-    async def __aenter__(self) -> Transport:
-        self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Disconnect cleanly (no LWT) and wait for the connection task."""
-        self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._connected.clear()
-
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
-
-    async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait for a live connection; ``TimeoutError`` if none by ``timeout``."""
-        await asyncio.wait_for(self._connected.wait(), timeout)
 
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
@@ -191,6 +144,7 @@ class Transport:
             identifier=self.client_id,
             username=s.username,
             password=s.password,
+            logger=_AIOMQTT_LOG,
             protocol=protocol,
             will=will,
             **self._session_options(),
@@ -211,52 +165,32 @@ class Transport:
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         return {"clean_session": None, "clean_start": False, "properties": props}
 
-    async def _run(self) -> None:
-        delay = self.settings.reconnect_min_s
-        outage_logged = False
-        while not self._closing:
+    # ------------------------------------------------------- connection loop
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[None]:
+        async with self._make_client() as client:
+            self._client = client
+            self._lost = asyncio.Event()
+            self._restart = asyncio.Event()
+            _no_delay(client)
             try:
-                async with self._make_client() as client:
-                    self._client = client
-                    _no_delay(client)
-                    # Messages reach _deliver from paho's callback from here on, even
-                    # while we await the SUBACKs (a resumed persistent session sends its
-                    # queued messages first).
-                    for topic, qos in list(self._subscriptions.items()):
-                        await client.subscribe(topic, qos)
-                    self.connects += 1
-                    self._lost = asyncio.Event()
-                    self._connected.set()
-                    if outage_logged:
-                        log.info("%s: reconnected to %s", self.client_id, self.settings.broker)
-                    outage_logged = False
-                    delay = self.settings.reconnect_min_s
-                    if self._on_connect is not None:
-                        await self._on_connect()
-                    await self._until_disconnected(client)
-            except aiomqtt.MqttError as exc:
-                self._connected.clear()
-                self._client = None
-                if self._closing:
-                    return
-                if not outage_logged:
-                    log.warning(
-                        "%s: broker %s unreachable (%s); retrying with backoff",
-                        self.client_id,
-                        self.settings.broker,
-                        exc,
-                    )
-                    outage_logged = True
+                # Messages reach _deliver from paho's callback from here on, even
+                # while we await the SUBACKs (a resumed persistent session sends its
+                # queued messages first).
+                for topic, qos in list(self._subscriptions.items()):
+                    await self._subscribe_on(client, topic, qos)
+                yield
             finally:
-                self._connected.clear()
-                self._lost.set()
                 self._client = None
-            # Full jitter keeps a fleet from reconnecting in lockstep after an outage.
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, self.settings.reconnect_max_s)
+                self._lost.set()
+
+    async def _until_lost(self) -> None:
+        client = self._client
+        assert client is not None
+        await first_completed(self._read(client), self._restart.wait())
 
     @staticmethod
-    async def _until_disconnected(client: aiomqtt.Client) -> None:
+    async def _read(client: aiomqtt.Client) -> None:
         """Return (raising ``MqttError``) when the connection is lost.
 
         No message reaches this iterator: the hand-off queue gives each one to
@@ -289,37 +223,34 @@ class Transport:
             return
         self._enqueue(Message(topic, bytes(payload), bool(msg.retain)))
 
-    def _enqueue(self, message: Message) -> None:
-        if self._on_message is not None:
-            try:
-                self._on_message(message)
-            except Exception:
-                # Raised into paho, it would pass for a broken connection and hide
-                # the bug behind a reconnect: say what failed, keep the session.
-                log.exception("%s: message handler failed on %s", self.client_id, message.topic)
-            return
-        try:
-            self._inbox.put_nowait(message)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            log.warning("%s: inbox full; message on %s dropped", self.client_id, message.topic)
-
     # ------------------------------------------------------------ subscribing
     async def subscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe now if connected, and again after every reconnect."""
+        self._check_open()
         self._subscriptions[topic] = qos
         client = self._client
-        if client is not None and self.connected:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.subscribe(topic, qos)
+        if client is None or not self.connected:
+            return
+        try:
+            await self._subscribe_on(client, topic, qos)
+        except (aiomqtt.MqttError, NotConnected):
+            pass  # the connection is going; the next one subscribes
+        except _NoSubAck as exc:
+            log.warning("%s: %s; reconnecting", self.client_id, exc)
+            self._restart.set()
 
-    async def messages(self) -> AsyncIterator[Message]:
-        """Whole messages, across reconnects, until the transport closes."""
-        while True:
-            yield await self._inbox.get()
+    async def _subscribe_on(self, client: aiomqtt.Client, topic: str, qos: int) -> None:
+        """SUBSCRIBE and wait, bounded, for the SUBACK; ask again when none comes.
 
-    def pending(self) -> int:
-        return self._inbox.qsize()
+        aiomqtt 2.x can miss a SUBACK (its issue #356) and then waits for it until
+        its own timeout, or forever. SUBSCRIBE is idempotent, so asking again is safe.
+        """
+        for _ in range(SUBSCRIBE_TRIES):
+            request = client.subscribe(topic, qos, timeout=math.inf)
+            if await self._acknowledged(request, self.subscribe_timeout_s):
+                return
+            log.debug("%s: no SUBACK for %s; subscribing again", self.client_id, topic)
+        raise _NoSubAck(f"no SUBACK for {topic} after {SUBSCRIBE_TRIES} tries")
 
     # ------------------------------------------------------------- publishing
     async def publish(
@@ -333,9 +264,11 @@ class Transport:
     ) -> None:
         """Publish and, for QoS 1, wait for the broker's PUBACK of every part.
 
-        Raises ``NotConnected`` when offline and ``PublishTimeout`` when the
-        broker does not acknowledge in time; the caller still owns the data.
+        Raises ``NotConnected`` when offline (``TransportClosed`` once closed) and
+        ``PublishTimeout`` when the broker does not acknowledge in time; the caller
+        still owns the data.
         """
+        self._check_open()
         parts = split(payload, self.settings.max_message_bytes)
         if len(parts) == 1:
             await self._publish_one(topic, payload, qos, retain, timeout)
@@ -343,14 +276,14 @@ class Transport:
         if retain:
             await self._publish_retained_chunks(topic, parts, qos, timeout)
         else:
-            await asyncio.gather(*(self._publish_one(topic, p, qos, False, timeout) for p in parts))
+            await all_completed(*(self._publish_one(topic, p, qos, False, timeout) for p in parts))
 
     async def _publish_retained_chunks(
         self, topic: str, parts: list[bytes], qos: int, timeout: float | None
     ) -> None:
         # A topic retains one message, so each chunk of a retained payload gets
         # its own sub-topic; leftovers of a longer earlier payload are cleared.
-        await asyncio.gather(
+        await all_completed(
             *(
                 self._publish_one(chunk_topic(topic, i), p, qos, True, timeout)
                 for i, p in enumerate(parts)
@@ -369,42 +302,40 @@ class Transport:
             if client is None or not self.connected:
                 raise NotConnected(f"not connected to {self.settings.broker}")
             limit = timeout if timeout is not None else self.settings.publish_timeout_s
+            request = client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf)
             try:
-                await self._until_lost(
-                    client.publish(topic, payload, qos=qos, retain=retain, timeout=limit)
-                )
-            except aiomqtt.MqttCodeError as exc:
-                if exc.rc == paho.MQTT_ERR_NO_CONN:
-                    raise NotConnected(str(exc)) from None
-                raise NotConnected(f"publish failed: {exc}") from None
+                acknowledged = await self._acknowledged(request, limit)
             except aiomqtt.MqttError as exc:
-                if "timed out" in str(exc).lower():
-                    raise PublishTimeout(f"no PUBACK for {topic} within {limit}s") from None
-                raise NotConnected(str(exc)) from None
-            except asyncio.TimeoutError:  # aiomqtt lets asyncio's own timeout through
-                raise PublishTimeout(f"no PUBACK for {topic} within {limit}s") from None
+                raise NotConnected(f"publish to {topic} failed: {exc}") from None
+            if not acknowledged:
+                raise PublishTimeout(f"no PUBACK for {topic} within {limit}s")
             self.bytes_out += len(payload)
             self.messages_out += 1
 
-    async def _until_lost(self, publish: Coroutine[Any, Any, None]) -> None:
-        """Await ``publish`` but fail fast if the connection drops meanwhile.
+    async def _acknowledged(self, request: Coroutine[Any, Any, object], timeout: float) -> bool:
+        """Await ``request`` at most ``timeout`` seconds: True once it is done (its
+        ``MqttError``, if any, raised), False when time ran out; ``NotConnected`` if
+        the connection drops first.
 
-        paho keeps an unacknowledged publish until its timeout even after the
-        socket is gone; the caller (an outbox) would rather retry on reconnect.
+        paho keeps an unacknowledged request until its timeout even after the socket
+        is gone; the caller (an outbox) would rather retry on reconnect. aiomqtt's own
+        timeout is a plain ``MqttError``, so it is off and the bound is kept here.
         """
         lost = self._lost
-        task = asyncio.ensure_future(publish)
+        task = asyncio.ensure_future(request)
         watcher = asyncio.ensure_future(lost.wait())
         try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
+            await asyncio.wait(
+                {task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await task
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.result()
+            return True
+        if lost.is_set():
             raise NotConnected("connection lost before the broker acknowledged")
-        task.result()
+        return False

@@ -1,0 +1,94 @@
+"""What the shells use of a transport, whichever bus is under it, and its errors.
+
+``AnyTransport`` is the shape both backends have (``Transport`` over MQTT,
+``MemoryTransport`` in-process); code typed against it runs on either. No I/O here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import EdgeflError
+from ..wire import Reason
+
+
+class TransportError(EdgeflError):
+    """A message could not travel; the caller keeps its data."""
+
+
+class NotConnected(TransportError, ConnectionError):
+    """The broker is not reachable right now; the caller keeps its data and retries."""
+
+
+class PublishTimeout(TransportError, TimeoutError):
+    """The broker did not acknowledge a QoS 1 publish within the timeout."""
+
+
+class TransportClosed(NotConnected):
+    """The transport was closed: nothing will travel through it again.
+
+    A ``NotConnected`` so that code which keeps its data for a later session
+    does the right thing when the session has ended.
+    """
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+    qos: int = 1
+
+
+class AnyTransport(Protocol):
+    """One client's long-lived session with a broker, as the shells use it.
+
+    ``async with t`` connects in the background and keeps reconnecting; the
+    subscriptions made before or after are kept across reconnects.
+    """
+
+    client_id: str
+    #: incoming messages refused before delivery (a bad chunk), by reason
+    rejected: Counter[Reason]
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait for a live connection: ``asyncio.TimeoutError`` after ``timeout``,
+        ``TransportClosed`` once closed."""
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None: ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish; for QoS 1 return once the broker acknowledged. ``NotConnected``
+        (``TransportClosed`` once closed) or ``PublishTimeout``: the caller keeps the data."""
+
+    def messages(self) -> AsyncIterator[Message]:
+        """Whole messages as they arrive, across reconnects; ends when the transport closes."""
+        ...
+
+    async def close(self) -> None:
+        """Disconnect cleanly (the broker does not publish the will) and stop reconnecting."""
+
+    async def __aenter__(self) -> AnyTransport: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
