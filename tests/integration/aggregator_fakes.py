@@ -14,6 +14,7 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
+from timeouts import within
 
 from edgefl.params import Params, Spec, spec_of
 from edgefl.quant import float_params, quantize_params
@@ -111,7 +112,7 @@ class Harness:
 
     async def wait_for(self, predicate: Any, timeout: float = 10.0) -> Any:
         """Wait until ``predicate()`` returns something truthy; return it."""
-        async with asyncio.timeout(timeout), self._changed:
+        async with within(timeout), self._changed:
             while not (found := predicate()):
                 await self._changed.wait()
             return found

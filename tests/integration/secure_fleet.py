@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from timeouts import within
+
 from edgefl import credentials
 from edgefl.broker import RunningBroker, free_port, start_mosquitto
 
@@ -262,6 +264,6 @@ async def serving(*members: Any) -> AsyncIterator[None]:
 
 async def until(condition: Callable[[], bool], timeout: float) -> None:
     """Poll ``condition`` until it holds; ``TimeoutError`` after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
+    async with within(timeout):
         while not condition():
             await asyncio.sleep(0.05)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from timeouts import within
 
 from edgefl import quant, wire
 from edgefl.broker import RunningBroker, start_mosquitto
@@ -94,7 +95,7 @@ class Gateway:
                 self.metrics.append(wire.decode_metrics(msg.payload))
 
     async def until(self, predicate: Callable[[], bool], timeout: float) -> None:
-        async with asyncio.timeout(timeout):
+        async with within(timeout):
             while not predicate():
                 await asyncio.sleep(0.05)
 
@@ -314,7 +315,7 @@ async def test_update_trained_offline_survives_a_reboot_and_arrives_once(
 
 
 async def _until_buffered(state_dir: Path, count: int, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
+    async with within(timeout):
         while True:
             path = state_dir / f"device-{DEV}.db"
             if path.exists():
@@ -540,7 +541,7 @@ async def test_an_unacknowledged_update_stays_buffered_and_the_agent_keeps_runni
     agent = DeviceAgent(settings, task)
     try:
         async with serving(agent):
-            async with asyncio.timeout(10):
+            async with within(10):
                 while not agent.outbox or agent.outbox.peek(1)[0].attempts < 2:
                     await asyncio.sleep(0.1)
             assert len(agent.outbox) == 1

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from secure_fleet import serving
+from timeouts import within
 
 from edgefl.aggregator import Aggregator
 from edgefl.broker import RunningBroker, free_port
@@ -102,7 +103,7 @@ class Sub:
     async def until(self, done: Any, timeout: float) -> None:
         """Read lines until ``done(records)`` holds; every line must be JSON."""
         assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout):
+        async with within(timeout):
             while not done(self.records):
                 line = (await self.proc.stdout.readline()).decode()
                 assert line, "mosquitto_sub ended early"
@@ -153,7 +154,7 @@ async def test_every_monitoring_view_agrees_with_the_metrics_topics(
     try:
         async with fleet(broker, tmp_path, task):
             await sub.until(lambda _: len(sub.rounds("cloud", "cloud")) >= 3, timeout=90)
-            async with asyncio.timeout(30):
+            async with within(30):
                 (out, _), (text, _) = await asyncio.gather(
                     once.communicate(), once_text.communicate()
                 )
@@ -238,7 +239,7 @@ async def test_monitor_once_fails_in_one_line_when_the_broker_is_unreachable() -
         sys.executable, "-m", "edgefl.cli", "monitor", "--broker", f"127.0.0.1:{free_port()}",
         "--once", "--wait", "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    async with asyncio.timeout(30):
+    async with within(30):
         out, err = await proc.communicate()
     assert proc.returncode == 1 and out == b""
     assert err.decode().strip().splitlines()[-1].startswith("edgefl monitor: error: could not")

@@ -23,6 +23,7 @@ import aiomqtt
 import numpy as np
 import pytest
 from secure_fleet import ConfBroker, make_certs, secure_broker
+from timeouts import within
 
 from edgefl.aggregator import Aggregator
 from edgefl.config import AggregatorSettings, DeviceSettings, MqttSettings
@@ -91,7 +92,7 @@ class Inbox:
             self._changed.set()
 
     async def until(self, done: Callable[[list[Message]], bool], timeout: float) -> None:
-        async with asyncio.timeout(timeout):
+        async with within(timeout):
             while not done(self.messages):
                 self._changed.clear()
                 await self._changed.wait()
@@ -124,11 +125,11 @@ async def test_anonymous_and_wrong_password_connections_are_refused(
     secure: ConfBroker, username: str | None, password: str | None
 ) -> None:
     with pytest.raises(aiomqtt.MqttError, match=r"(?i)not authori"):
-        async with asyncio.timeout(10):
-            async with aiomqtt.Client(
-                "127.0.0.1", secure.port, username=username, password=password
-            ):
-                pass
+        async with (
+            within(10),
+            aiomqtt.Client("127.0.0.1", secure.port, username=username, password=password),
+        ):
+            pass
 
 
 # ----------------------------------------------------------------------- ACL
@@ -163,7 +164,7 @@ async def test_the_broker_drops_forbidden_publishes_and_disconnects_their_sender
                 await intruder.publish(topic, b"forged", qos=1, retain=True)
                 # Mosquitto 2.0 drops the message and the MQTT 3.1.1 connection with it.
                 with pytest.raises(aiomqtt.MqttError):
-                    async with asyncio.timeout(5):
+                    async with within(5):
                         while True:
                             await asyncio.sleep(0.05)
                             await intruder.publish(T.update("gw-1", user), b"", qos=1)
@@ -213,9 +214,8 @@ async def test_a_user_cannot_take_over_another_users_client_id_or_session(
             await victim.publish(T.status("gw-1", "dev-2"), b"still here", qos=1)
         await watcher.until(lambda m: any(x.payload == b"still here" for x in m), timeout=10)
     assert [m.payload for m in watcher.messages] == [b"still here"]  # no will fired
-    async with login(secure, "gw-1", gateway_id, clean_session=False) as gw:
-        async with asyncio.timeout(10):
-            message = await anext(aiter(gw.messages))
+    async with login(secure, "gw-1", gateway_id, clean_session=False) as gw, within(10):
+        message = await anext(aiter(gw.messages))
     assert (str(message.topic), message.payload) == (update, b"queued for gw-1")
 
 
@@ -301,7 +301,7 @@ async def test_a_device_delivers_over_tls_and_plain_mqtt_on_the_tls_port_fails(
     async with gateway, device:
         device_run = asyncio.ensure_future(device.run())
         try:
-            async with asyncio.timeout(60):
+            async with within(60):
                 await gateway.run()  # one round, closed by the device's update
         finally:
             device_run.cancel()
@@ -311,21 +311,19 @@ async def test_a_device_delivers_over_tls_and_plain_mqtt_on_the_tls_port_fails(
 
     # The broker resets a plain MQTT connection; the client never gets a CONNACK.
     with pytest.raises(aiomqtt.MqttError):
-        async with asyncio.timeout(10):
-            async with aiomqtt.Client(
-                "127.0.0.1", secure.tls_port, username="dev-1",
-                password=secure.passwords["dev-1"], timeout=3,
-            ):  # fmt: skip
-                pass
+        async with within(10), aiomqtt.Client(
+            "127.0.0.1", secure.tls_port, username="dev-1",
+            password=secure.passwords["dev-1"], timeout=3,
+        ):  # fmt: skip
+            pass
     stranger = make_certs(tmp_path / "other-ca").ca
     foreign = over_tls.model_copy(update={"ca_file": stranger})
     with pytest.raises(aiomqtt.MqttError, match=r"(?i)certificate"):
-        async with asyncio.timeout(10):
-            async with aiomqtt.Client(
-                "127.0.0.1", secure.tls_port, username="dev-1",
-                password=secure.passwords["dev-1"], tls_context=tls_context_of(foreign),
-            ):  # fmt: skip
-                pass
+        async with within(10), aiomqtt.Client(
+            "127.0.0.1", secure.tls_port, username="dev-1",
+            password=secure.passwords["dev-1"], tls_context=tls_context_of(foreign),
+        ):  # fmt: skip
+            pass
 
 
 def tls_context_of(settings: MqttSettings) -> Any:
@@ -353,7 +351,7 @@ async def test_credentials_command_adds_a_device_that_can_connect_after_a_reload
         "--acl-file", str(d / "acl"), "--keys-dir", str(d / "keys"),
         "--broker", f"127.0.0.1:{secure.port}", stdout=subprocess.PIPE,
     )  # fmt: skip
-    async with asyncio.timeout(30):
+    async with within(30):
         out, _ = await done.communicate()
     assert done.returncode == 0
     own, parents = map(tomllib.loads, _sections(out.decode()))
@@ -368,7 +366,7 @@ async def test_credentials_command_adds_a_device_that_can_connect_after_a_reload
     gateway_view = settings_for(secure, "gw-1")
     status = b'{"online": true}'
     async with client(gateway_view, "gw", T.statuses_of("gw-1")) as gateway:
-        async with asyncio.timeout(10):
+        async with within(10):
             while True:  # the reload is asynchronous: retry the new user's connection
                 try:
                     async with aiomqtt.Client(
