@@ -83,6 +83,7 @@ class Node:
                 self.children.__contains__,
                 bound=self.children.bound,
                 measure=rnd.fold.measure,
+                absurd=rnd.fold.reject_bound(),
             )
             rnd.admit(sender, ok, self.gate.weight(ok, rnd.version))
         except UpdateRejected:

@@ -9,6 +9,7 @@ from the ledger of taken updates; it never folds or touches the network.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -149,8 +150,12 @@ class UpdateGate:
         *,
         bound: Callable[[str], int] = lambda _: MAX_COUNTER,
         measure: Callable[[Sequence[QTensor]], float] | None = None,
+        absurd: float = math.inf,
     ) -> Admitted:
-        """Check one update received on ``.../update/{topic_sender}`` at model ``version``."""
+        """Check one update received on ``.../update/{topic_sender}`` at model ``version``.
+
+        ``bound`` caps a sender's sample count, ``measure`` gives a delta's norm and
+        ``absurd`` is the norm above which a delta is refused rather than clipped."""
         update = decode_update(payload, max_bytes=self.max_bytes, check=False)
         sender = update.sender
         if sender != topic_sender:
@@ -163,7 +168,7 @@ class UpdateGate:
         if self.ledger.seen(sender, update.inc, update.seq):
             raise UpdateRejected(Reason.DUPLICATE, f"seq {update.seq} (inc {update.inc}) again")
         try:
-            norm = self._check_content(update, version, measure)
+            norm = self._check_content(update, version, measure, absurd)
         except UpdateRejected:
             # Refused for good, from its (authenticated) sender: settled, so that its
             # receipt lets the child forget it instead of resending it for ever.
@@ -177,6 +182,7 @@ class UpdateGate:
         update: Update,
         version: int,
         measure: Callable[[Sequence[QTensor]], float] | None,
+        absurd: float,
     ) -> float:
         """Sizes, shapes, staleness, finite values and the norm; returns the norm."""
         check_tensors(update, self.spec)
@@ -192,6 +198,8 @@ class UpdateGate:
             raise UpdateRejected(Reason.NONFINITE, f"norm {norm:.3g} would overflow the fold")
         if self.max_norm is not None and not norm <= self.max_norm:
             raise UpdateRejected(Reason.NORM, f"norm {norm:.4g} > {self.max_norm:.4g}")
+        if not norm <= absurd:
+            raise UpdateRejected(Reason.NORM, f"norm {norm:.4g} > {absurd:.4g}, absurd")
         return norm
 
     def _check_signature(self, update: Update) -> None:

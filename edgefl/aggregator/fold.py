@@ -23,6 +23,8 @@ from ..wire import QTensor
 Rule = Literal["fedavg", "median", "trimmed_mean", "krum"]
 #: Norms needed before the adaptive clip bound is trusted; until then updates are held.
 MIN_NORMS = 4
+#: A delta longer than this many clip bounds is absurd: refused (``norm``), not clipped.
+REJECT_FACTOR = 10.0
 
 
 @dataclass
@@ -88,6 +90,7 @@ class RoundFold:
         # max_share times the capped total so far (the cap only rises).
         self._floor = math.inf if max_share >= 1.0 else 0.0
         self._sum = StreamingAverage()
+        self._window_bound: float | None = None
         self._scratch = Scratch()
 
     @property
@@ -116,12 +119,19 @@ class RoundFold:
         self._held.append(c)
         self._release(bound)
 
+    def reject_bound(self) -> float:
+        """Norms above this are absurd (``REJECT_FACTOR`` clip bounds); inf until known."""
+        bound = self._bound() if len(self.window) >= MIN_NORMS else None
+        return math.inf if bound is None else REJECT_FACTOR * bound
+
     def _bound(self) -> float | None:
         """The clip bound now, or None while too few norms are known to trust one."""
         if self.clip_factor <= 0:
             return math.inf
         if len(self.window) >= MIN_NORMS:
-            return self.window.bound(self.clip_factor)
+            if self._window_bound is None:  # the window only moves between rounds
+                self._window_bound = self.window.bound(self.clip_factor)
+            return self._window_bound
         if len(self.window) + len(self.norms) >= MIN_NORMS:
             return self.window.bound(self.clip_factor, self.norms)
         return None

@@ -232,6 +232,7 @@ class Aggregator:
                 children.__contains__,
                 bound=children.bound,
                 measure=rnd.fold.measure,
+                absurd=rnd.fold.reject_bound(),
             )
         except UpdateRejected as exc:
             self.rejected.add(sender, exc, known=sender in children)

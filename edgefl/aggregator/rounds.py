@@ -83,10 +83,12 @@ class Round:
         if self.announced and sender not in self.senders:
             self._add(sender, ok, weight, fresh=True)
             return True
-        queue = self.waiting if not self.announced else self.carry
-        if sender in queue or (not self.announced and sender in self.senders):
+        if not self.announced and sender not in self.waiting:
+            self.waiting[sender] = ok
+        elif sender not in self.carry:
+            self.carry[sender] = ok
+        else:
             raise UpdateRejected(Reason.REPEAT, "one update per sender per round")
-        queue[sender] = ok
         return False
 
     def open_waiting(self, weigh: Callable[[Admitted], float]) -> list[tuple[Admitted, str]]:

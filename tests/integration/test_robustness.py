@@ -101,7 +101,7 @@ async def test_a_scaled_update_is_clipped_by_default_and_honest_ones_are_never_r
     honest = _honest()
     scaled = {n: 1e4 * a for n, a in honest.items()}
     async with harness(broker.url) as h, running(_settings(broker, tmp_path, quorum=1.0)):
-        await _register(h, (*HONEST, "evil"))
+        await _register(h, (*HONEST, "evil", "evil2"))
         await h.wait_model("cloud", 0)
         for child in HONEST:
             await h.send("cloud", make_update(child, 0, honest))
@@ -111,11 +111,17 @@ async def test_a_scaled_update_is_clipped_by_default_and_honest_ones_are_never_r
         assert m["clipped"] == 1 and m["rejected_total"] == 0
         # Clipped to a small multiple of the median norm: the step stays honest-sized.
         assert _norm(delta) <= 2.5 * _norm(honest)
-        # The next round: every honest update lands, none rejected for its norm.
+        # The next round: every honest update lands, none rejected for its norm; now
+        # that recent norms are known, an absurd one is refused and a large one clipped.
         for child in HONEST:
             await h.send("cloud", make_update(child, 1, honest, base=1))
+        await h.send("cloud", make_update("evil", 1, scaled, base=1))
+        await h.send(
+            "cloud", make_update("evil2", 0, {n: 5 * a for n, a in honest.items()}, base=1)
+        )
         m = await h.wait_metrics("cloud", event="round", version=2)
-    assert (m["participants"], m["rejected_total"], m["clipped"]) == (4, 0, 0)
+    assert (m["participants"], m["rejected_norm"], m["clipped"]) == (5, 1, 1)
+    assert m["rejected_total"] == 1
 
 
 async def test_an_overflowing_update_is_rejected_before_it_touches_the_model(
@@ -279,7 +285,9 @@ async def test_a_node_whose_clipping_engaged_converges_again_on_its_own(
                 await h.send("cloud", make_update(child, r, step, base=r))
             m = await h.wait_metrics("cloud", event="round", version=r + 1)
             clipped.append(m["clipped"])
-            assert m["rejected_total"] == 0  # honest updates are never refused for norm
+            # Only the attacker's absurd updates are refused, never an honest one.
+            assert m["rejected_total"] == m["rejected_norm"] == min(r, 2)
         final = params_of(await h.wait_model("cloud", 12))
-    assert clipped[:3] == [1, 1, 1] and sum(clipped[3:]) == 0
+    # Round 0 has no recent norms yet: clipped at the close; later, refused as absurd.
+    assert clipped[0] == 1 and sum(clipped[1:]) == 0
     assert _norm({n: final[n] - target[n] for n in final}) < 0.05 * _norm(target)

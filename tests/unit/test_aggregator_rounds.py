@@ -13,7 +13,7 @@ from edgefl.aggregator.uplink import Uplink
 from edgefl.config import PolicySettings
 from edgefl.device.policy import policy_of
 from edgefl.quant import dequantize_params, float_params
-from edgefl.wire import Reason, Status, Update, UpdateRejected
+from edgefl.wire import Reason, Status, Update, UpdateRejected, encode_update
 
 
 def _round(
@@ -103,7 +103,8 @@ def test_round_average_is_sample_weighted_and_applied_as_a_delta() -> None:
 def test_updates_before_the_announcement_wait_for_it() -> None:
     r = Round(0, 0, RoundFold(), 1, 1.0)
     assert not _fold(r, "early")
-    assert r.participants == 0 and list(r.waiting) == ["early"]
+    assert not _fold(r, "early", seq=1)  # a second one waits for the round after
+    assert r.participants == 0 and list(r.waiting) == ["early"] and list(r.carry) == ["early"]
     r.announced = True
     assert r.open_waiting(lambda ok: float(ok.samples)) == []
     assert r.participants == 1 and r.updates == 1
@@ -172,35 +173,105 @@ def _params(value: float) -> dict[str, np.ndarray]:
     return {"x": np.full(3, value, np.float32)}
 
 
-def test_uplink_sends_only_unsent_work_so_two_syncs_never_count_twice() -> None:
+def _sync(up: Uplink, model: float, seq: int, dtype: str = "f32") -> Update:
+    update = up.build(_params(model), sender="gw", seq=seq, round=seq, dtype=dtype)  # type: ignore[arg-type]
+    up.sent(update, encode_update(update))
+    return update
+
+
+def _sent(update: Update) -> float:
+    return float(dequantize_params(update.tensors)["x"][0])
+
+
+def test_the_sync_reference_moves_only_on_the_parents_receipt() -> None:
     up = Uplink(reference=_params(0.0), parent_version=5)
     up.after_round(10)
     assert up.due(1) and not up.due(2)
-    first = up.build(_params(1.0), sender="gw", seq=0, round=0, dtype="f32")
-    up.sent(_params(1.0))
+    first = _sync(up, 1.0, seq=0)
     up.after_round(20)
-    second = up.build(_params(3.0), sender="gw", seq=1, round=1, dtype="f32")
-    assert (first.base, first.n, second.base, second.n) == (5, 10, 5, 20)
-    np.testing.assert_allclose(dequantize_params(first.tensors)["x"], 1.0)
-    np.testing.assert_allclose(dequantize_params(second.tensors)["x"], 2.0)
+    assert not up.due(1)  # one sync in flight at a time
+    assert up.on_parent(5, 1, None) == "wait"  # not receipted yet
+    assert up.on_parent(6, 2, (0, 0)) == "confirmed"  # (inc, seq): seq 0 is settled
+    second = _sync(up, 3.0, seq=1)
+    assert (first.base, first.n, second.n) == (5, 10, 20)
+    assert (_sent(first), _sent(second)) == (1.0, 2.0)  # the receipted part is not sent again
 
 
-def test_uplink_adoption_carries_unsent_work_onto_the_parent_model() -> None:
-    up = Uplink(reference=_params(0.0), parent_version=0)
-    model = up.adopt(_params(10.0), _params(0.5), 3)  # 0.5 of local work not yet sent
-    np.testing.assert_allclose(model["x"], 10.5)
-    assert up.parent_version == 3
-    up.sent(model)
-    assert up.adopt(_params(20.0), model, 4)["x"][0] == 20.0  # right after a sync: as is
+def test_a_sync_the_parent_never_receipted_is_carried_whole_into_the_next() -> None:
+    up = Uplink(reference=_params(0.0), parent_version=0, max_staleness=2)
+    up.after_round(10)
+    lost = _sync(up, 1.0, seq=0)
+    up.after_round(30)
+    assert up.on_parent(2, 3, None) == "wait"  # two behind: the parent may still fold it
+    assert up.on_parent(3, 4, None) == "refused"  # three: never
+    again = _sync(up, 4.0, seq=1)
+    assert (_sent(lost), _sent(again), again.n) == (1.0, 4.0, 40)  # both rounds, all samples
 
 
-def test_uplink_survives_a_checkpoint_round_trip_with_its_residual() -> None:
-    up = Uplink(reference=_params(0.0), parent_version=2)
+def test_a_folded_sync_whose_receipt_came_late_is_counted_once() -> None:
+    up = Uplink(reference=_params(0.0), parent_version=0, max_staleness=4)
+    up.after_round(10)
+    _sync(up, 1.0, seq=7)
+    assert up.on_parent(1, 1, (0, 6)) == "wait"  # a receipt for an older seq
+    model = up.adopt(_params(10.0), _params(1.0), 1)  # the sync's work is not in v1 yet
+    assert model["x"][0] == 11.0
+    assert up.on_parent(2, 2, (0, 7)) == "confirmed"  # now it is, in v2 and after
+    assert up.adopt(_params(20.0), model, 2)["x"][0] == 20.0
+    assert up.on_parent(3, 3, (0, 7)) == "none"
+    assert up.on_parent(3, 3, (1, 9)) == "none"  # another incarnation's receipt names nothing
+
+
+def test_an_unreceipted_sync_is_resent_when_the_parent_cannot_be_holding_it() -> None:
+    up = Uplink(reference=_params(0.0), parent_version=3, max_staleness=4)
+    assert up.on_parent(3, 8, None) == "none"
+    up.after_round(5)
+    _sync(up, 1.0, seq=2)
+    assert up.on_parent(3, 8, None) == "wait"  # the same announcement again (a reconnect)
+    assert up.on_parent(3, 9, None) == "resend"  # same version, new round: a restart
+    assert up.on_parent(3, 9, None, deadline=70.0) == "resend"  # a restart with no checkpoint
+    assert up.on_parent(4, 10, None) == "wait"  # a round closed without it: maybe the next
+    assert up.on_parent(5, 11, None) == "resend"  # two rounds closed without it
+    assert up.on_parent(5, 11, (0, 2)) == "confirmed"
+
+
+def test_u8_syncs_carry_their_quantization_error_into_the_next() -> None:
+    rng = np.random.default_rng(0)
+    work = {"x": rng.standard_normal(300).astype(np.float32)}
+    up = Uplink(reference={"x": np.zeros(300, np.float32)}, parent_version=0)
+    total = np.zeros(300, np.float64)
+    for seq in range(3):
+        up.after_round(1)
+        update = up.build(work, sender="gw", seq=seq, round=seq, dtype="u8")
+        up.sent(update, encode_update(update))
+        total += dequantize_params(update.tensors)["x"]
+        assert up.on_parent(seq + 1, seq + 1, (0, seq)) == "confirmed"
+    assert np.abs(total - work["x"]).max() < 1e-5  # what was sent adds up to the work
+
+
+def test_the_sync_in_flight_survives_a_checkpoint_round_trip() -> None:
+    up = Uplink(reference=_params(0.0), parent_version=2, max_staleness=3)
     up.after_round(7)
-    up.build({"x": np.array([0.0, 0.3, 1.0], np.float32)}, sender="g", seq=0, round=0)
-    back = Uplink.from_extra(up.to_extra(), 2)
-    np.testing.assert_array_equal(back.feedback.residual["x"], up.feedback.residual["x"])
-    assert (back.samples_since_sync, back.rounds_since_sync) == (7, 1)
+    update = _sync(up, 1.5, seq=4)
+    up.after_round(2)
+    back = Uplink.from_extra(up.to_extra(), 2, max_staleness=3)
+    assert back.inflight is not None and up.inflight is not None
+    assert (back.inflight.seq, back.inflight.n, back.inflight.base) == (4, 7, 2)
+    assert back.inflight.payload == encode_update(update)
+    assert (back.samples_since_sync, back.rounds_since_sync) == (2, 1)
+    assert back.on_parent(2, 5, None) == "wait"  # resent at the restart already
+    assert back.on_parent(3, 6, (0, 4)) == "confirmed"
+    assert back.reference["x"][0] == 1.5
+
+
+def test_a_checkpoint_from_before_receipts_keeps_its_unsent_residual() -> None:
+    old = {
+        "reference": {"x": {"shape": [3], "data": np.full(3, 2.0, "<f4").tobytes()}},
+        "residual": {"x": {"shape": [3], "data": np.full(3, 0.25, "<f4").tobytes()}},
+        "rounds_since_sync": 1,
+        "samples_since_sync": 4,
+    }
+    back = Uplink.from_extra(old, 1)
+    assert back.inflight is None and back.reference["x"][0] == 1.75
 
 
 def test_a_declared_sample_count_is_capped_at_a_multiple_of_the_median() -> None:
