@@ -65,8 +65,8 @@ class AnyTransport(Protocol):
     def connected(self) -> bool: ...
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait for a live connection: ``asyncio.TimeoutError`` after ``timeout``,
-        ``TransportClosed`` once closed."""
+        """Wait for a live connection: ``asyncio.TimeoutError`` after ``timeout`` (at
+        once if the transport is closed); unbounded, ``TransportClosed`` once closed."""
 
     async def subscribe(self, topic: str, qos: int = 1) -> None: ...
 

@@ -133,14 +133,18 @@ class Link:
         return self._ready.is_set() and not self._closed
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait for a live connection; ``asyncio.TimeoutError`` if none by ``timeout``,
-        ``TransportClosed`` if the transport is (or gets) closed."""
-        self._check_open()
+        """Wait for a live connection; ``asyncio.TimeoutError`` if none by ``timeout``.
+
+        A closed transport never connects. A bounded wait says so with its
+        ``TimeoutError`` at once (its caller handles that one already); an unbounded
+        one raises ``TransportClosed`` instead of waiting forever.
+        """
         if timeout is None:
+            self._check_open()
             await self._ready.wait()
-        elif not await wait_event(self._ready, timeout):
+            self._check_open()
+        elif self._closed or not await wait_event(self._ready, timeout) or self._closed:
             raise asyncio.TimeoutError(f"{self.client_id}: not connected within {timeout}s")
-        self._check_open()
 
     def _check_open(self) -> None:
         if self._closed:

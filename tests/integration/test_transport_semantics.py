@@ -212,8 +212,27 @@ async def test_publishing_offline_or_after_close_raises_and_waiters_do_not_hang(
     with pytest.raises(TransportClosed):
         await t.publish("x", b"")
     with pytest.raises(TransportClosed):
-        await t.wait_connected(1)
+        await t.wait_connected()
     assert isinstance(TransportClosed("x"), NotConnected)  # callers keep data for later
+
+
+async def test_a_close_releases_its_waiters_and_a_bounded_wait_times_out_at_once(
+    backend: Backend,
+) -> None:
+    t = backend.make("t")
+    unbounded = asyncio.ensure_future(t.wait_connected())
+    bounded = asyncio.ensure_future(t.wait_connected(60))
+    await asyncio.sleep(0.01)
+    await t.close()
+    async with within(1):
+        with pytest.raises(TransportClosed):
+            await unbounded
+        # A closed transport never connects: callers that bound the wait (and
+        # handle its TimeoutError) hear it now, not at the bound.
+        with pytest.raises(asyncio.TimeoutError):
+            await bounded
+        with pytest.raises(asyncio.TimeoutError):
+            await t.wait_connected(60)
 
 
 async def test_a_failing_on_connect_is_logged_and_the_transport_connects_again(
