@@ -85,8 +85,12 @@ class Node:
                 measure=rnd.fold.measure,
                 absurd=rnd.fold.reject_bound(),
             )
-            rnd.admit(sender, ok, self.gate.weight(ok, rnd.version))
         except UpdateRejected:
+            self.rejected += 1
+            return
+        refused = rnd.admit(sender, ok, self.gate.weight(ok, rnd.version))
+        if refused is not None:
+            self.gate.ledger.settle(sender, refused.update.inc, refused.update.seq)
             self.rejected += 1
 
     def close(self) -> int:

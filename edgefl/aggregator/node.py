@@ -238,12 +238,14 @@ class Aggregator:
             self.rejected.add(sender, exc, known=sender in children)
             return
         update = ok.update
-        try:
-            rnd.admit(sender, ok, self.gate.weight(ok, rnd.version) if rnd.announced else 0.0)
-        except UpdateRejected as exc:  # one too many from this sender, or stale for the round
-            self.gate.ledger.settle(sender, update.inc, update.seq)
-            self.rejected.add(sender, exc)
-            return
+        refused = rnd.admit(
+            sender, ok, self.gate.weight(ok, rnd.version) if rnd.announced else 0.0
+        )
+        if refused is not None:  # one update per sender per round, one more carried
+            self.gate.ledger.settle(sender, refused.update.inc, refused.update.seq)
+            self.rejected.add(sender, UpdateRejected(Reason.REPEAT, "a third in one round"))
+            if refused is ok:
+                return
         children.answered(sender)
         rnd.bytes_in += len(payload)
         rnd.fold_s += time.perf_counter() - started

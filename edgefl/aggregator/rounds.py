@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from ..params import Params
-from ..wire import Reason, UpdateRejected
+from ..wire import UpdateRejected
 from .admission import Admitted
 from .fold import Contribution, FoldStats, RoundFold
 
@@ -77,19 +77,22 @@ class Round:
     def participants(self) -> int:
         return len(self.senders)
 
-    def admit(self, sender: str, ok: Admitted, weight: float) -> bool:
+    def admit(self, sender: str, ok: Admitted, weight: float) -> Admitted | None:
         """Fold ``ok`` (just measured) if this is the sender's first update of the round
-        and the round is announced; else keep it for later. True if folded now."""
+        and the round is announced; else keep it for later, one waiting for the
+        announcement and one carried to the next round. Returns what is refused as a
+        repeat beyond that: the older of the carried one and this one."""
         if self.announced and sender not in self.senders:
             self._add(sender, ok, weight, fresh=True)
-            return True
+            return None
         if not self.announced and sender not in self.waiting:
             self.waiting[sender] = ok
-        elif sender not in self.carry:
-            self.carry[sender] = ok
-        else:
-            raise UpdateRejected(Reason.REPEAT, "one update per sender per round")
-        return False
+            return None
+        old = self.carry.get(sender)
+        if old is not None and (old.update.base, old.update.seq) > (ok.update.base, ok.update.seq):
+            return ok
+        self.carry[sender] = ok
+        return old
 
     def open_waiting(self, weigh: Callable[[Admitted], float]) -> list[tuple[Admitted, str]]:
         """On announcing: fold the updates that waited. Returns those now too stale."""
