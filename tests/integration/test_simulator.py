@@ -112,12 +112,16 @@ def test_flaky_devices_deliver_buffered_updates_late_and_once(tmp_path: Path) ->
 
 def test_guards_keep_adversarial_devices_from_hurting_accuracy(tmp_path: Path) -> None:
     _, s = simulate("adversarial", "--out", str(tmp_path))
-    # One scaler and one NaN sender, one update per gateway round each (16 rounds):
-    # every scaled one is clipped (none rejected for its norm), every NaN rejected.
-    assert s["clipped"] >= 12 and s["rejected"].get("norm", 0) == 0
+    # One scaler and one NaN sender, one update per gateway round each (16 rounds): a
+    # 50x-scaled delta is clipped while no recent norms are known, refused as absurd
+    # after; every NaN one is refused.
+    assert s["clipped"] + s["rejected"].get("norm", 0) >= 12
+    assert s["rejected"].get("norm", 0) >= 8
     assert 12 <= s["rejected"]["nonfinite"] <= 16
-    # default.toml, the same fleet without attackers, ends at 0.93 after 8 rounds
-    assert s["final_accuracy"] >= 0.91
+    # default.toml, the same fleet without attackers (and quorum 1), ends at 0.92-0.93
+    # after 8 rounds; with quorum 0.8 and timing-dependent stragglers this one ends
+    # between 0.90 and 0.93 over runs.
+    assert s["final_accuracy"] >= 0.88
 
 
 def _spawn(args: list[str]) -> subprocess.Popen[str]:
