@@ -107,6 +107,8 @@ class UpdateGate:
         self.max_norm = max_norm
         self.allowed = allowed or None
         self.ledger = ledger if ledger is not None else Ledger()
+        #: (sender, inc, seq) of the last update refused for good, for the caller's log.
+        self.refused: tuple[str, int, int] | None = None
 
     @classmethod
     def from_settings(cls, settings: AggregatorSettings, spec: Spec) -> UpdateGate:
@@ -173,6 +175,7 @@ class UpdateGate:
             # Refused for good, from its (authenticated) sender: settled, so that its
             # receipt lets the child forget it instead of resending it for ever.
             self.ledger.settle(sender, update.inc, update.seq)
+            self.refused = (sender, update.inc, update.seq)
             raise
         self.ledger.take(sender, update.inc, update.seq)
         return Admitted(update, max(1, min(update.n, bound(sender))), norm)

@@ -236,13 +236,23 @@ class Aggregator:
             )
         except UpdateRejected as exc:
             self.rejected.add(sender, exc, known=sender in children)
+            if self.gate.refused is not None:
+                log.debug(
+                    "%s: refused %s:%d:%d (%s)", self.id, *self.gate.refused, exc.reason.value
+                )
+                self.gate.refused = None
             return
         update = ok.update
-        refused = rnd.admit(
-            sender, ok, self.gate.weight(ok, rnd.version) if rnd.announced else 0.0
-        )
+        refused = rnd.admit(sender, ok, self.gate.weight(ok, rnd.version) if rnd.announced else 0.0)
         if refused is not None:  # one update per sender per round, one more carried
             self.gate.ledger.settle(sender, refused.update.inc, refused.update.seq)
+            log.debug(
+                "%s: refused %s:%d:%d (repeat)",
+                self.id,
+                sender,
+                refused.update.inc,
+                refused.update.seq,
+            )
             self.rejected.add(sender, UpdateRejected(Reason.REPEAT, "a third in one round"))
             if refused is ok:
                 return
@@ -457,6 +467,9 @@ class Aggregator:
         self.aggregations += 1
         for sender, inc, seq in rnd.taken:
             self.gate.ledger.settle(sender, inc, seq)
+        if log.isEnabledFor(logging.DEBUG):  # every update accounted for, by (sender, inc, seq)
+            folded = " ".join(f"{s}:{i}:{q}" for s, i, q in rnd.taken)
+            log.debug("%s round %d folded %s", self.id, rnd.number, folded)
         rnd.samples = stats.samples  # what the sync tells the parent: the capped total
         sync: PendingSync | None = None
         if link is not None:
