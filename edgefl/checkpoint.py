@@ -2,6 +2,7 @@
 
 A save either lands whole or not at all (temp file, fsync, rename, fsync dir);
 a load never returns a damaged generation: it falls back to the previous one.
+Beside them, a small mark of what the node has published, which no fallback undoes.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 MAGIC = b"EDGEFLCK"
 FORMAT_VERSION = 1
 _HEADER_LEN = struct.Struct("<I")
-_GENERATION = re.compile(r"^state-(\d{10})-v\d+-r\d+\.ckpt(\.corrupt)?$")
+_GENERATION = re.compile(r"^state-(\d{10})-v(\d+)-r\d+\.ckpt(\.corrupt)?$")
 _TEMP_PREFIX = ".tmp-state-"
+MARK_NAME = "published.mark"
 
 
 class CorruptCheckpoint(Exception):
@@ -47,6 +49,21 @@ class NodeState:
     #: anything msgpack can carry (str, int, float, bool, None, bytes, list, dict);
     #: tuples come back as lists.
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a node has put on the broker, kept apart from the checkpoints it outlives.
+
+    ``version``: the highest version it ever published (-1: none), so that a node
+    that falls back to an older checkpoint resumes past it and never publishes two
+    models under one number. ``whole`` and ``chunks``: where a retained model of it
+    may still be, on the model topic and on ``chunks`` chunk sub-topics.
+    """
+
+    version: int = -1
+    whole: bool = False
+    chunks: int = 0
 
 
 class CheckpointStore:
@@ -71,22 +88,31 @@ class CheckpointStore:
         """Write a new generation durably, then prune to the newest ``keep``."""
         gen = max((g for g, _ in self._generations(corrupt=True)), default=0) + 1
         target = self.directory / f"state-{gen:010d}-v{state.version}-r{state.round}.ckpt"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=_TEMP_PREFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in encode(state):
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.directory)
+        _write_durably(target, encode(state))
         for _, old in self._generations()[self.keep :]:
             old.unlink(missing_ok=True)
         log.debug("checkpoint %s saved", target.name)
         return target
+
+    def published(self) -> Published:
+        """The mark ``mark_published`` left; its version is at least that of every
+        generation ever saved, damaged ones included (a node saves before it publishes)."""
+        mark = Published()
+        path = self.directory / MARK_NAME
+        if path.exists():
+            try:
+                doc = msgpack.unpackb(path.read_bytes(), raw=False)
+                mark = Published(int(doc["version"]), bool(doc["whole"]), int(doc["chunks"]))
+            except Exception as exc:  # written by rename, so only a damaged disk gets here
+                log.warning("%s is unreadable (%s): the model may be retained whole", path, exc)
+                mark = Published(whole=True)
+        saved = max((v for _, v, _ in self._files(corrupt=True)), default=-1)
+        return Published(max(mark.version, saved), mark.whole, mark.chunks)
+
+    def mark_published(self, mark: Published) -> None:
+        """Record ``mark`` durably (write, fsync, rename, fsync the directory)."""
+        body = {"version": mark.version, "whole": mark.whole, "chunks": mark.chunks}
+        _write_durably(self.directory / MARK_NAME, [msgpack.packb(body)])
 
     def load(self) -> NodeState | None:
         """The newest generation that verifies; ``None`` if there is none.
@@ -113,11 +139,15 @@ class CheckpointStore:
 
     def _generations(self, *, corrupt: bool = False) -> list[tuple[int, Path]]:
         """``(gen, path)`` of every generation file (and damaged ones if asked), newest first."""
+        return [(gen, path) for gen, _, path in self._files(corrupt=corrupt)]
+
+    def _files(self, *, corrupt: bool = False) -> list[tuple[int, int, Path]]:
+        """``(gen, version, path)`` of every generation file, newest first."""
         found = []
         for path in self.directory.iterdir():
             m = _GENERATION.match(path.name)
-            if m and (corrupt or not m.group(2)):
-                found.append((int(m.group(1)), path))
+            if m and (corrupt or not m.group(3)):
+                found.append((int(m.group(1)), int(m.group(2)), path))
         return sorted(found, reverse=True)
 
 
@@ -199,6 +229,22 @@ def _array(t: dict[str, Any]) -> np.ndarray:
     if dtype.hasobject:
         raise ValueError(f"{t['name']}: object dtype")
     return np.frombuffer(t["bytes"], dtype=dtype).reshape(t["shape"]).copy()
+
+
+def _write_durably(target: Path, pieces: list[bytes]) -> None:
+    """Replace ``target`` with ``pieces`` whole or not at all, and make that durable."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_TEMP_PREFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -11,7 +11,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from edgefl.checkpoint import MAGIC, CheckpointStore, NodeState, decode, encode
+from edgefl.checkpoint import MAGIC, CheckpointStore, NodeState, Published, decode, encode
 
 
 def _state(version: int, round_: int | None = None, seed: int = 0) -> NodeState:
@@ -223,3 +223,41 @@ def test_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.Mo
         store.save(_state(2))
     monkeypatch.undo()
     assert _files(tmp_path) == ["state-0000000001-v1-r2.ckpt"]
+
+
+def test_the_published_mark_survives_reopening_and_is_never_below_a_saved_version(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path)
+    assert store.published() == Published(-1, False, 0)
+    store.save(_state(3))
+    assert store.published().version == 3  # a node saves a version before publishing it
+    store.mark_published(Published(version=5, whole=False, chunks=7))
+    assert CheckpointStore(tmp_path).published() == Published(5, False, 7)
+    assert [n for n in _files(tmp_path) if n.startswith(".tmp-")] == []
+
+
+def test_a_fallback_to_an_older_generation_keeps_the_highest_version_published(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1))
+    newest = store.save(_state(2))
+    store.mark_published(Published(version=2, whole=True))
+    newest.write_bytes(newest.read_bytes()[:-3])
+    loaded = CheckpointStore(tmp_path).load()
+    assert loaded is not None and loaded.version == 1
+    assert CheckpointStore(tmp_path).published().version == 2
+    (tmp_path / "published.mark").unlink()  # even without the mark: the damaged file's name
+    assert CheckpointStore(tmp_path).published() == Published(2, False, 0)
+
+
+def test_an_unreadable_mark_is_logged_and_assumes_a_whole_model_may_be_retained(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(4))
+    (tmp_path / "published.mark").write_bytes(b"\xc1")
+    with caplog.at_level(logging.WARNING, logger="edgefl.checkpoint"):
+        assert store.published() == Published(4, True, 0)
+    assert len(_warnings(caplog)) == 1
