@@ -102,26 +102,27 @@ class Scratch:
         For uint8: ``N lo^2 + 2 lo scale sum(q) + scale^2 sum(q^2)``: one widening pass
         and two reductions, no dequantized copy.
         """
-        self.names.clear()
+        names = self.names
+        names.clear()
         total = 0.0
         for t in tensors:
             if t.dtype == "f32":
                 x = np.frombuffer(t.q, dtype="<f4")
                 total += float(np.dot(x, x))
                 continue
-            q = torch.frombuffer(t.q, dtype=torch.uint8)
-            if q.numel() >= TORCH_FOLD_MIN:
+            size = len(t.q)
+            if size >= TORCH_FOLD_MIN:
                 buf = self._buffers.get(t.name)
-                if buf is None or buf.numel() != q.numel():
-                    buf = self._buffers[t.name] = torch.empty(q.numel())
-                buf.copy_(q)
-                self.names.add(t.name)
+                if buf is None or buf.numel() != size:
+                    buf = self._buffers[t.name] = torch.empty(size)
+                buf.copy_(torch.frombuffer(t.q, dtype=torch.uint8))
+                names.add(t.name)
                 s1, s2 = float(buf.sum()), float(buf.dot(buf))
-            else:
-                a = np.frombuffer(t.q, dtype=np.uint8).astype(np.float64)
-                s1, s2 = float(a.sum()), float(np.dot(a, a))
-            lo, sc = float(t.lo), float(t.scale)
-            total += max(0.0, q.numel() * lo * lo + 2.0 * lo * sc * s1 + sc * sc * s2)
+            else:  # float32 sums of at most 8191 integers below 2**16: exact
+                a = np.frombuffer(t.q, dtype=np.uint8).astype(np.float32)
+                s1, s2 = float(a.sum()), float(a @ a)
+            lo, sc = t.lo, t.scale
+            total += max(0.0, size * lo * lo + 2.0 * lo * sc * s1 + sc * sc * s2)
         return total
 
     def widened(self, name: str) -> torch.Tensor | None:

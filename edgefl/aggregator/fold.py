@@ -128,13 +128,14 @@ class RoundFold:
         """The clip bound now, or None while too few norms are known to trust one."""
         if self.clip_factor <= 0:
             return math.inf
-        if len(self.window) >= MIN_NORMS:
-            if self._window_bound is None:  # the window only moves between rounds
+        if self._window_bound is None:
+            # Fixed once known for the rest of the round (the window only moves between
+            # rounds): from the window, or, while it is short, with this round's first norms.
+            if len(self.window) >= MIN_NORMS:
                 self._window_bound = self.window.bound(self.clip_factor)
-            return self._window_bound
-        if len(self.window) + len(self.norms) >= MIN_NORMS:
-            return self.window.bound(self.clip_factor, self.norms)
-        return None
+            elif len(self.window) + len(self.norms) >= MIN_NORMS:
+                self._window_bound = self.window.bound(self.clip_factor, self.norms)
+        return self._window_bound
 
     def _release(self, bound: float | None) -> None:
         if bound is None or len(self._weights) * self.max_share < 1.0 - 1e-12:

@@ -243,7 +243,7 @@ class Aggregator:
                 self.gate.refused = None
             return
         update = ok.update
-        refused = rnd.admit(sender, ok, self.gate.weight(ok, rnd.version) if rnd.announced else 0.0)
+        refused = rnd.admit(sender, ok, self.gate.weight(ok, rnd.version))
         if refused is not None:  # one update per sender per round, one more carried
             self.gate.ledger.settle(sender, refused.update.inc, refused.update.seq)
             log.debug(

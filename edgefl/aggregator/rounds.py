@@ -2,8 +2,8 @@
 
 Pure state over the round fold and an injected ``now``: no asyncio, no MQTT, no
 clock of its own. The node's shell admits updates and asks ``ready``. One update
-per sender per round is folded; a second waits for the next round, a third is
-refused; updates that arrive before the round is announced wait for it.
+per sender per round is folded; a second waits for the next round, and of a
+third and the one waiting, the older is refused.
 """
 
 from __future__ import annotations
@@ -78,15 +78,16 @@ class Round:
         return len(self.senders)
 
     def admit(self, sender: str, ok: Admitted, weight: float) -> Admitted | None:
-        """Fold ``ok`` (just measured) if this is the sender's first update of the round
-        and the round is announced; else keep it for later, one waiting for the
-        announcement and one carried to the next round. Returns what is refused as a
-        repeat beyond that: the older of the carried one and this one."""
-        if self.announced and sender not in self.senders:
+        """Fold ``ok`` (just measured) if this is the sender's first update of the round;
+        else carry it to the next round. Returns what is refused as a repeat beyond
+        that: the older of the carried one and this one.
+
+        An update that arrives before the announcement (queued in the node's broker
+        session across a restart) folds at once: holding each would cost a model's
+        worth of memory per child, and the one-per-sender rule holds either way.
+        """
+        if sender not in self.senders and sender not in self.waiting:
             self._add(sender, ok, weight, fresh=True)
-            return None
-        if not self.announced and sender not in self.waiting:
-            self.waiting[sender] = ok
             return None
         old = self.carry.get(sender)
         if old is not None and (old.update.base, old.update.seq) > (ok.update.base, ok.update.seq):

@@ -27,9 +27,13 @@ def _round(
     return r
 
 
-def _fold(r: Round, sender: str, value: float = 1.0, n: int = 1, seq: int = 0) -> Admitted | None:
+def _update(sender: str, value: float = 1.0, n: int = 1, seq: int = 0) -> Update:
     tensors = float_params({"x": np.full(2, value, np.float32)})
-    update = Update(sender=sender, seq=seq, round=0, base=0, n=n, tensors=tensors)
+    return Update(sender=sender, seq=seq, round=0, base=0, n=n, tensors=tensors)
+
+
+def _fold(r: Round, sender: str, value: float = 1.0, n: int = 1, seq: int = 0) -> Admitted | None:
+    update = _update(sender, value, n, seq)
     return r.admit(sender, Admitted(update, n, abs(value) * np.sqrt(2)), float(n))
 
 
@@ -99,14 +103,15 @@ def test_round_average_is_sample_weighted_and_applied_as_a_delta() -> None:
     assert new["x"].dtype == np.float32 and r.samples == 4 and r.participants == 2
 
 
-def test_updates_before_the_announcement_wait_for_it() -> None:
+def test_updates_carried_from_the_last_round_fold_at_the_announcement() -> None:
     r = Round(0, 0, RoundFold(), 1, 1.0)
-    assert _fold(r, "early") is None
-    assert _fold(r, "early", seq=1) is None  # a second one waits for the round after
-    assert r.participants == 0 and list(r.waiting) == ["early"] and list(r.carry) == ["early"]
+    r.waiting = {"late": Admitted(_update("late", seq=0), 1, 1.0)}
+    assert _fold(r, "early") is None  # before the announcement: folded, one per sender
+    assert _fold(r, "late", seq=1) is None  # the carried one comes first: this one waits
+    assert list(r.carry) == ["late"] and r.participants == 1
     r.announced = True
     assert r.open_waiting(lambda ok: float(ok.samples)) == []
-    assert r.participants == 1 and r.updates == 1
+    assert r.participants == 2 and r.updates == 2
 
 
 def test_a_ghost_is_waited_for_max_misses_rounds_then_not_until_it_delivers() -> None:
