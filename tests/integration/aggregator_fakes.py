@@ -16,6 +16,8 @@ import aiomqtt
 import numpy as np
 from timeouts import within
 
+from edgefl.aggregator import Aggregator
+from edgefl.config import AggregatorSettings
 from edgefl.params import Params, Spec, spec_of
 from edgefl.quant import float_params, quantize_params
 from edgefl.topics import Topics
@@ -156,3 +158,29 @@ async def harness(broker_url: str, prefix: str = "edgefl") -> AsyncIterator[Harn
 
 def params_of(model: Model) -> Params:
     return model_params(model)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: AggregatorSettings) -> AsyncIterator[Aggregator]:
+    """One aggregation node on the TinyTask, serving for the length of the block."""
+    async with Aggregator(settings, TinyTask()) as node:
+        task = asyncio.create_task(node.run())
+        try:
+            yield node
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def node_settings(broker_url: str, state_dir: Any, **kw: Any) -> AggregatorSettings:
+    """A cloud-tier node on ``broker_url`` with a short deadline and no evaluation."""
+    base: dict[str, Any] = {
+        "id": "cloud",
+        "tier": "cloud",
+        "mqtt": {"broker": broker_url},
+        "state_dir": state_dir,
+        "train": {"deadline_s": 1.0},
+        "evaluate": False,
+    }
+    return AggregatorSettings(**{**base, **kw})

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,34 +22,22 @@ from edgefl.transport.chunks import split
 from edgefl.wire import Status, encode_status, encode_update, sign
 
 sys.path.insert(0, str(Path(__file__).parent))
-from aggregator_fakes import Harness, TinyTask, delta_of, harness, make_update
+from aggregator_fakes import (
+    Harness,
+    TinyTask,
+    delta_of,
+    harness,
+    make_update,
+    node_settings,
+    running,
+)
 
 pytestmark = pytest.mark.integration
 KEY = bytes(range(32))
 
 
-@contextlib.asynccontextmanager
-async def running(settings: AggregatorSettings) -> AsyncIterator[Aggregator]:
-    async with Aggregator(settings, TinyTask()) as node:
-        task = asyncio.create_task(node.run())
-        try:
-            yield node
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 def _settings(broker: RunningBroker, tmp_path: Path, **kw: Any) -> AggregatorSettings:
-    base: dict[str, Any] = {
-        "id": "cloud",
-        "tier": "cloud",
-        "mqtt": {"broker": broker.url},
-        "state_dir": tmp_path,
-        "train": {"deadline_s": 1.0},
-        "evaluate": False,
-    }
-    return AggregatorSettings(**{**base, **kw})
+    return node_settings(broker.url, tmp_path, **kw)
 
 
 async def _close_round(h: Harness, version: int, update: Any) -> dict[str, Any]:

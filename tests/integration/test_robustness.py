@@ -4,10 +4,8 @@ decides the model, makes it non-finite, locks out an honest child or stalls a ro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,6 @@ import msgpack
 import numpy as np
 import pytest
 
-from edgefl.aggregator import Aggregator
 from edgefl.broker import RunningBroker
 from edgefl.checkpoint import CheckpointStore
 from edgefl.config import AggregatorSettings
@@ -23,35 +20,23 @@ from edgefl.params import Params, subtract
 from edgefl.wire import Model, Status, encode_model, encode_status, encode_update, model_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
-from aggregator_fakes import SHAPES, Harness, TinyTask, harness, make_update, params_of
+from aggregator_fakes import (
+    SHAPES,
+    Harness,
+    harness,
+    make_update,
+    node_settings,
+    params_of,
+    running,
+)
 
 pytestmark = pytest.mark.integration
 HONEST = ("d1", "d2", "d3", "d4")
 
 
-@contextlib.asynccontextmanager
-async def running(settings: AggregatorSettings) -> AsyncIterator[Aggregator]:
-    async with Aggregator(settings, TinyTask()) as node:
-        task = asyncio.create_task(node.run())
-        try:
-            yield node
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 def _settings(broker: RunningBroker, tmp_path: Path, **kw: Any) -> AggregatorSettings:
     """The shipped defaults, apart from the tier, the broker and a short deadline."""
-    base: dict[str, Any] = {
-        "id": "cloud",
-        "tier": "cloud",
-        "mqtt": {"broker": broker.url},
-        "state_dir": tmp_path,
-        "train": {"deadline_s": 2.0},
-        "evaluate": False,
-    }
-    return AggregatorSettings(**{**base, **kw})
+    return node_settings(broker.url, tmp_path, **{"train": {"deadline_s": 2.0}, **kw})
 
 
 def _honest(scale: float = 0.1) -> Params:
