@@ -62,13 +62,7 @@ class Node:
 
     def _round(self) -> Round:
         s = self.s
-        fold = RoundFold(
-            s.rule,
-            max_share=s.max_weight_share,
-            clip_factor=s.clip_factor,
-            window=self.norms,
-            trim=s.trim,
-        )
+        fold = RoundFold.from_settings(s, self.norms)
         r = Round(self.number, self.version, fold, s.min_updates, s.quorum)
         r.announced = True
         return r

@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .robust import Rule
 from .topics import ID_RE, Topics
 from .wire import TrainConfig
 
@@ -172,7 +173,7 @@ class AggregatorSettings(_RoleSettings):
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     staleness_a: float = Field(0.5, ge=0)
     staleness_b: int = Field(4, ge=0)
-    rule: Literal["fedavg", "median", "trimmed_mean", "krum"] = Field(
+    rule: Rule = Field(
         "fedavg",
         description="fedavg (norm-bounded, streaming), median, trimmed_mean or krum "
         "(multi-Krum); the last three hold one update per child until the close",

@@ -9,10 +9,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
 from .params import Params
+
+#: Aggregation rules: norm-bounded FedAvg (streaming), and the robust ones below.
+Rule = Literal["fedavg", "median", "trimmed_mean", "krum"]
 
 
 def share_cap(weights: Sequence[float], max_share: float) -> float:

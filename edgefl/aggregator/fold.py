@@ -10,17 +10,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from ..config import AggregatorSettings
 from ..fedavg import Scratch, StreamingAverage
 from ..params import Params
 from ..quant import dequantize_params
-from ..robust import NormWindow, clip_scale, coordinate_median, multi_krum, share_cap, trimmed_mean
+from ..robust import (
+    NormWindow,
+    Rule,
+    clip_scale,
+    coordinate_median,
+    multi_krum,
+    share_cap,
+    trimmed_mean,
+)
 from ..wire import QTensor
 
-Rule = Literal["fedavg", "median", "trimmed_mean", "krum"]
 #: Norms needed before the adaptive clip bound is trusted; until then updates are held.
 MIN_NORMS = 4
 #: A delta longer than this many clip bounds is absurd: refused (``norm``), not clipped.
@@ -92,6 +99,18 @@ class RoundFold:
         self._sum = StreamingAverage()
         self._window_bound: float | None = None
         self._scratch = Scratch()
+
+    @classmethod
+    def from_settings(cls, settings: AggregatorSettings, window: NormWindow) -> RoundFold:
+        """The fold a node's round uses: its rule and safety settings, its norm window."""
+        return cls(
+            settings.rule,
+            max_share=settings.max_weight_share,
+            clip_factor=settings.clip_factor,
+            window=window,
+            trim=settings.trim,
+            byzantine=settings.byzantine,
+        )
 
     @property
     def held(self) -> int:

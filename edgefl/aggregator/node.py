@@ -355,14 +355,7 @@ class Aggregator:
 
     def _next_round(self, number: int) -> Round:
         s = self.settings
-        fold = RoundFold(
-            s.rule,
-            max_share=s.max_weight_share,
-            clip_factor=s.clip_factor,
-            window=self.norms,
-            trim=s.trim,
-            byzantine=s.byzantine,
-        )
+        fold = RoundFold.from_settings(s, self.norms)
         return Round(number, self.version, fold, s.min_updates, s.quorum)
 
     async def _announce(self, *, again: bool = False) -> None:
