@@ -42,9 +42,11 @@ from ..wire import (
 )
 from .admission import Rejections, UpdateGate
 from .fold import FoldStats, RoundFold
-from .ledger import Ledger
+from .journal import Journal, Key, replay
 from .parent import ParentLink, PendingSync
+from .persist import resume, snapshot, unsettled
 from .report import evaluation_fields, round_fields, round_story
+from .retained import RetainedModel
 from .rounds import CloseReason, Round, apply_delta
 from .selection import Children, select
 from .uplink import Uplink
@@ -122,7 +124,7 @@ class Aggregator:
                 parent=self.parent,
                 topics=self.topics,
                 transport=self.transport,
-                uplink=Uplink(reference=dict(self.params), parent_version=0),
+                uplink=Uplink(dict(self.params), 0, max_staleness=settings.max_staleness),
                 hmac_key=bytes.fromhex(settings.hmac_key) if settings.hmac_key else None,
                 dtype=settings.update_dtype,
                 retry_s=settings.mqtt.reconnect_min_s,
@@ -146,7 +148,11 @@ class Aggregator:
             log.warning(
                 "%s: no parent_key: unsigned models from %s are adopted", self.id, self.parent
             )
-        self._restored_sync: PendingSync | None = None
+        self.journal: Journal | None = None
+        self._replay_later: list[tuple[Key, bytes]] = []
+        self.retained = RetainedModel(
+            self.transport, self.topics.model(self.id), settings.mqtt.max_message_bytes
+        )
         self._wake = asyncio.Event()
         self._announce_due = False
         self._status_due = True
@@ -168,11 +174,19 @@ class Aggregator:
         s = self.settings
         if s.checkpoint:
             self.store = CheckpointStore(self.state_dir)
-            if self._restore(self.store.load()):
+            if self._restore(self.store.load(), self.retained.restore(self.store).version):
                 # Saved at once, so that a second restart announces yet another round.
-                await self._checkpoint(self._restored_sync)
+                await self._checkpoint()
+            self.journal = await asyncio.to_thread(Journal, self.state_dir / "journal.log")
+            # What the open round held when the node stopped, admitted again before
+            # anything from the broker; a sender's second update waits for the announcement.
+            self.children.remember(key[0] for key, _ in self.journal.entries())
+            self._replay_later = replay(
+                self.journal, self._on_update, self.round.waiting.__contains__
+            )
+            self.journal.start()
         if self.link is not None:
-            self.link.open(self.state_dir / "uplink.sqlite", self._restored_sync)
+            self.link.open(self.state_dir / "uplink.sqlite")
         for topic in (self.topics.updates_of(self.id), self.topics.statuses_of(self.id)):
             await self.transport.subscribe(topic)
         if self.parent is not None:
@@ -201,6 +215,8 @@ class Aggregator:
             await self.transport.close()
             if self.link is not None:
                 self.link.close()
+            if self.journal is not None:  # its entries stay: the next start replays them
+                await asyncio.to_thread(self.journal.close)
 
     async def run(self) -> None:
         """Serve rounds until ``settings.rounds`` aggregations are done (0: until cancelled)."""
@@ -256,6 +272,8 @@ class Aggregator:
             self.rejected.add(sender, UpdateRejected(Reason.REPEAT, "a third in one round"))
             if refused is ok:
                 return
+        if self.journal is not None:
+            self.journal.append((sender, update.inc, update.seq), payload)
         children.answered(sender)
         rnd.bytes_in += len(payload)
         rnd.fold_s += time.perf_counter() - started
@@ -302,6 +320,7 @@ class Aggregator:
         except UpdateRejected as exc:
             self.rejected.add(self.parent or "parent", exc)
             return
+        self.link.on_model(model)
         # The version adopted comes back on every reconnect (retained): nothing to do.
         pending = self._parent_model[0] if self._parent_model else adopted
         if model.version > max(adopted, pending):
@@ -321,6 +340,9 @@ class Aggregator:
         await asyncio.sleep(STARTUP_GRACE_S)
         if not await self._adopt_parent():
             await self._announce()
+        for (sender, _, _), payload in self._replay_later:  # now the round is announced
+            self._on_update(sender, payload)
+        self._replay_later = []
         while not (self.settings.rounds and self.aggregations >= self.settings.rounds):
             await self._step()
         if self.link is not None:  # the last sync should reach the parent before we stop
@@ -421,9 +443,7 @@ class Aggregator:
         if self._model_key is not None:
             model = sign_model(model, self._model_key)
         try:
-            await self.transport.publish(
-                self.topics.model(self.id), encode_model(model), retain=True
-            )
+            await self.retained.publish(encode_model(model), self.version)
             self._announce_due = False
         except _LOST as exc:
             self._announce_due = True
@@ -467,9 +487,9 @@ class Aggregator:
         sync: PendingSync | None = None
         if link is not None:
             link.uplink.after_round(stats.samples)
-            if link.uplink.due(s.sync_every):
+            if link.uplink.due(s.sync_every):  # never while a sync waits for its receipt
                 sync = await link.build(self.params, rnd.number)
-        await self._checkpoint(sync)
+        await self._checkpoint()
         if link is not None and sync is not None:
             await link.store(sync)
             # Wait a little for the parent's next version, so the next local round starts
@@ -528,75 +548,25 @@ class Aggregator:
         restart = not (self.round.announced and self.round.participants)
         if restart and self.round.announced:
             self.round = self._next_round(self.round.number + 1)
-        await self._checkpoint(None)
+        await self._checkpoint()
         if restart:
             await self._announce()
         return restart
 
     # --------------------------------------------------------- state and sync
-    def _restore(self, state: NodeState | None) -> bool:
-        if state is None:
-            return False
-        if spec_of(state.params) != self.spec:
-            log.error(
-                "%s: checkpoint does not match task %s; starting fresh", self.id, self.settings.task
-            )
-            return False
-        if not is_finite(state.params):
-            log.error("%s: checkpoint holds a non-finite model; starting fresh", self.id)
-            return False
-        self.params = state.params
-        self.version = state.version
-        extra = state.extra
-        self.gate.ledger = Ledger.from_state(
-            extra.get("ledger"), state.last_seq, self.settings.max_children
-        )
-        self.norms = NormWindow(norms=extra.get("norms", []))
-        self.children.declared.update(
-            {str(k): int(v) for k, v in extra.get("declared", {}).items()}
-        )
-        self.aggregations = int(extra.get("aggregations", 0))
-        self.last_selected = {str(k): int(v) for k, v in extra.get("last_selected", {}).items()}
-        self.children.remember(str(c) for c in extra.get("children", []))
-        if self.link is not None and "uplink" in extra:
-            self.link.uplink = Uplink.from_extra(extra["uplink"], state.parent_version or 0)
-            self._restored_sync = extra.get("sync")
-        # A new round identity: the checkpointed one may have been announced and trained.
-        self.round = self._next_round(state.round + 1)
-        log.info(
-            "%s: resumed from checkpoint at version %d, round %d",
-            self.id,
-            self.version,
-            self.round.number,
-        )
-        return True
+    def _restore(self, state: NodeState | None, published: int = -1) -> bool:
+        number = resume(self, state, published)
+        if number is not None:
+            self.round = self._next_round(number)
+        return number is not None
 
-    async def _checkpoint(self, sync: PendingSync | None) -> None:
-        """Save the model and what is settled (never the open round's updates)."""
-        if self.store is None:
-            return
-        ledger = self.gate.ledger
-        extra: dict[str, Any] = {
-            "aggregations": self.aggregations,
-            "last_selected": dict(self.last_selected),
-            "children": sorted(self.children.known),
-            "ledger": ledger.to_state(),
-            "norms": self.norms.values(),
-            "declared": dict(self.children.declared),
-        }
-        if self.link is not None:
-            extra["uplink"] = self.link.uplink.to_extra()
-        if sync is not None:
-            extra["sync"] = sync
-        state = NodeState(
-            params=self.params,
-            version=self.version,
-            round=self.round.number,
-            parent_version=self._parent_version,
-            last_seq=ledger.last_seqs(),
-            extra=extra,
-        )
-        await asyncio.to_thread(self.store.save, state)
+    async def _checkpoint(self) -> None:
+        """Save the model and what is settled (never the open round's updates); then the
+        journal forgets every update but those still unsettled."""
+        if self.store is not None:
+            await asyncio.to_thread(self.store.save, snapshot(self))
+        if self.store is not None and self.journal is not None:
+            self.journal.retain(unsettled(self.round, (k for k, _ in self._replay_later)))
 
     # --------------------------------------------------------------- reporting
     @property

@@ -1,9 +1,10 @@
 """A node's durable link to its parent: sync updates go through the outbox, in order.
 
 The I/O side of ``uplink.Uplink``: takes the sync's seq from the outbox, signs and
-encodes it, stores it on disk and publishes it (QoS 1) whenever connected. An
-entry leaves the outbox only after its PUBACK, so a sync made while the parent
-is unreachable is delivered later, even across a restart.
+encodes it, stores it on disk and publishes it (QoS 1) whenever connected; reads
+the parent's receipts and stores the sync in flight again when the parent lost it.
+An entry leaves the outbox only after its PUBACK; the sync stays in flight (and in
+the checkpoint) until the parent's receipt, so no sync is lost to a parent's crash.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import numpy as np
 from ..outbox import Outbox
 from ..topics import Topics
 from ..transport import NotConnected, PublishTimeout, Transport
-from ..wire import encode_update, sign
-from .uplink import Uplink
+from ..wire import Model, encode_update, sign
+from .uplink import Uplink, Verdict
 
 log = logging.getLogger("edgefl.aggregator")
 
-#: A stored sync: ``{"seq", "topic", "payload"}``, kept in the checkpoint it belongs to.
+#: A stored sync: ``{"seq", "topic", "payload"}``.
 PendingSync = dict[str, Any]
 
 
@@ -54,17 +55,25 @@ class ParentLink:
         self.outbox: Outbox | None = None
         self._due = asyncio.Event()
         self._idle = asyncio.Event()
+        #: outbox entries stored in this session and not yet acknowledged by the broker
+        self._queued: set[int] = set()
+        self._entry: int | None = None  # the entry of the sync in flight
+        self._resend = False
+        self._drop: int | None = None
+        #: the sync of a checkpoint written before receipts, which counted it as sent
+        self.restored: PendingSync | None = None
 
-    def open(self, path: Path, restored: PendingSync | None = None) -> None:
-        """Open the outbox; ``restored`` is the sync of the checkpoint we resumed from.
+    def open(self, path: Path) -> None:
+        """Open the outbox and store the sync in flight again (and ``restored``).
 
-        That sync may or may not have reached the outbox before we stopped: it is
-        stored again, and if it was there (or even delivered) already the parent
-        drops the second copy as a duplicate seq.
+        That sync may or may not have reached the parent before we stopped; if the
+        parent has it already, it drops the second copy as a duplicate seq.
         """
         self.outbox = Outbox(path)
-        if restored:
-            self.outbox.put(restored["topic"], restored["payload"])
+        if self.restored:
+            self.outbox.put(self.restored["topic"], self.restored["payload"])
+        if self.uplink.inflight is not None:
+            self._queue(self.outbox.put(self.topic, self.uplink.inflight.payload))
 
     def close(self) -> None:
         if self.outbox is not None:
@@ -78,8 +87,8 @@ class ParentLink:
     async def build(self, params: Mapping[str, np.ndarray], round_number: int) -> PendingSync:
         """The next sync update for ``params``, encoded and signed, with its seq.
 
-        The uplink counts it as sent from here on: the caller checkpoints that, then
-        ``store``s the update (see ``open`` for a stop in between).
+        It is in flight from here on: the caller checkpoints that, then ``store``s the
+        update (a stop in between stores it again at the next ``open``).
         """
         outbox = self._outbox()
         seq = await asyncio.to_thread(outbox.next_seq, self.node)
@@ -88,12 +97,58 @@ class ParentLink:
         )
         if self.hmac_key is not None:
             update = sign(update, self.hmac_key)
-        self.uplink.sent(params)
-        return {"seq": seq, "topic": self.topic, "payload": encode_update(update)}
+        payload = encode_update(update)
+        self.uplink.sent(update, payload)
+        return {"seq": seq, "topic": self.topic, "payload": payload}
 
     async def store(self, pending: PendingSync) -> None:
-        await asyncio.to_thread(self._outbox().put, pending["topic"], pending["payload"])
+        entry = await asyncio.to_thread(self._outbox().put, pending["topic"], pending["payload"])
+        self._queue(entry)
+
+    def on_model(self, model: Model) -> Verdict:
+        """A checked parent Model arrived: settle the sync in flight by its receipt."""
+        sync, version = self.uplink.inflight, model.version
+        receipt = model.receipts.get(self.node)
+        verdict = self.uplink.on_parent(version, model.round, receipt, model.deadline)
+        if sync is None or verdict == "wait":
+            return verdict
+        if verdict == "resend" and self._entry not in self._queued:
+            log.info(
+                "%s: %s v%d lacks sync %d: sent again", self.node, self.parent, version, sync.seq
+            )
+            self._resend = True
+        elif verdict == "refused":
+            log.info(
+                "%s: sync %d (base %d) is too stale for %s v%d: its work goes into the next one",
+                self.node,
+                sync.seq,
+                sync.base,
+                self.parent,
+                version,
+            )
+            self._drop = self._entry if self._entry in self._queued else None
+        elif verdict == "confirmed":
+            log.debug("%s: sync %d receipted by %s v%d", self.node, sync.seq, self.parent, version)
         self._due.set()
+        return verdict
+
+    def _queue(self, entry: int) -> None:
+        self._queued.add(entry)
+        self._entry = entry
+        self._due.set()
+
+    async def _requeue(self) -> None:
+        """Apply what the parent's receipts asked for: drop a refused sync, resend a lost one."""
+        outbox = self._outbox()
+        drop, self._drop = self._drop, None
+        if drop is not None:
+            await asyncio.to_thread(outbox.ack, drop)
+            self._queued.discard(drop)
+        resend, self._resend = self._resend, False
+        if resend and self.uplink.inflight is not None:
+            self._queue(
+                await asyncio.to_thread(outbox.put, self.topic, self.uplink.inflight.payload)
+            )
 
     def wake(self) -> None:
         """Try to deliver now (after a reconnect)."""
@@ -106,6 +161,7 @@ class ParentLink:
         while True:
             await self._due.wait()
             self._due.clear()
+            await self._requeue()
             while entries := await asyncio.to_thread(outbox.peek, 8):
                 self._idle.clear()
                 await self.transport.wait_connected()
@@ -113,9 +169,11 @@ class ParentLink:
                     for entry in entries:
                         await self.transport.publish(entry.topic, entry.payload)
                         await asyncio.to_thread(outbox.ack, entry.id)
+                        self._queued.discard(entry.id)
                 except (NotConnected, PublishTimeout) as exc:
                     log.debug("%s: sync not delivered yet: %s", self.node, exc)
                     await asyncio.sleep(self.retry_s)
+                await self._requeue()
             self._idle.set()
 
     @property
