@@ -96,8 +96,11 @@ class CheckpointStore:
 
     def published(self) -> Published:
         """The mark ``mark_published`` left; its version is at least that of every
-        generation ever saved, damaged ones included (a node saves before it publishes)."""
-        mark = Published()
+        generation ever saved, damaged ones included (a node saves before it publishes).
+        Generations without a mark are a node's from before marks: whole models."""
+        saved = max((v for _, v, _ in self._files(corrupt=True)), default=-1)
+        # Saved before any mark (a node from before marks): it published its model whole.
+        mark = Published(whole=saved >= 0)
         path = self.directory / MARK_NAME
         if path.exists():
             try:
@@ -106,7 +109,6 @@ class CheckpointStore:
             except Exception as exc:  # written by rename, so only a damaged disk gets here
                 log.warning("%s is unreadable (%s): the model may be retained whole", path, exc)
                 mark = Published(whole=True)
-        saved = max((v for _, v, _ in self._files(corrupt=True)), default=-1)
         return Published(max(mark.version, saved), mark.whole, mark.chunks)
 
     def mark_published(self, mark: Published) -> None:

@@ -249,7 +249,7 @@ def test_a_fallback_to_an_older_generation_keeps_the_highest_version_published(
     assert loaded is not None and loaded.version == 1
     assert CheckpointStore(tmp_path).published().version == 2
     (tmp_path / "published.mark").unlink()  # even without the mark: the damaged file's name
-    assert CheckpointStore(tmp_path).published() == Published(2, False, 0)
+    assert CheckpointStore(tmp_path).published() == Published(2, True, 0)
 
 
 def test_an_unreadable_mark_is_logged_and_assumes_a_whole_model_may_be_retained(
