@@ -197,11 +197,15 @@ def run(
             samples = node.close()
             up = uplinks[g]
             up.after_round(samples)
+            if not up.due(1):
+                continue
             sync = up.build(node.params, sender=f"g{g}", seq=r, round=r)
-            up.sent(node.params)
             payload = encode_update(sign(sync, KEY) if secure else sync)
+            up.sent(sync, payload)
             cloud.receive(f"g{g}", payload)
         cloud.close()
+        for g, up in uplinks.items():  # the cloud's next Model receipts what it folded
+            up.on_parent(cloud.version, r, cloud.gate.ledger.receipt(f"g{g}"))
         nan = nan or not is_finite(cloud.params)
         history.append(float(task.evaluate(cloud.params)["accuracy"]))
     to_90 = next((i + 1 for i, a in enumerate(history) if a >= 0.90), None)
