@@ -71,13 +71,12 @@ class UpdateGate:
 
     Checks: decode (malformed, oversized), topic sender and allow-list
     (unknown_sender), signature (bad_signature, before anything that trusts the
-    content), ``(inc, seq)`` taken or settled already (duplicate), then the content:
-    sizes and shapes (shape), ``0 <= version - base <= max_staleness`` (stale),
-    finite ``lo``/``scale``/values and norm (nonfinite; above the absolute
-    ``max_norm``: norm). A content rejection is settled: the sender's receipt
-    covers it. The sample count is
-    capped by ``bound(sender)``. The ledger moves only when an update is admitted, so
-    a rejected update never shadows a later valid one.
+    content), ``(inc, seq)`` taken or settled already (duplicate),
+    ``0 <= version - base <= max_staleness`` (stale), then the content: sizes and
+    shapes (shape), finite ``lo``/``scale``/values and norm (nonfinite; above the
+    absolute ``max_norm`` or absurd: norm). A content rejection is settled: the
+    sender's receipt covers it; a stale one is not (see ``admit``). The sample count
+    is capped by ``bound(sender)``.
     """
 
     def __init__(
@@ -169,8 +168,15 @@ class UpdateGate:
         self._check_signature(update)
         if self.ledger.seen(sender, update.inc, update.seq):
             raise UpdateRejected(Reason.DUPLICATE, f"seq {update.seq} (inc {update.inc}) again")
+        staleness = version - update.base
+        if not 0 <= staleness <= self.max_staleness:
+            # Not settled: a receipt means "folded, or broken for good", and a gateway
+            # tells its stale sync from a folded one by that (its work goes in the next).
+            raise UpdateRejected(
+                Reason.STALE, f"base {update.base} at version {version} (max {self.max_staleness})"
+            )
         try:
-            norm = self._check_content(update, version, measure, absurd)
+            norm = self._check_content(update, measure, absurd)
         except UpdateRejected:
             # Refused for good, from its (authenticated) sender: settled, so that its
             # receipt lets the child forget it instead of resending it for ever.
@@ -183,17 +189,11 @@ class UpdateGate:
     def _check_content(
         self,
         update: Update,
-        version: int,
         measure: Callable[[Sequence[QTensor]], float] | None,
         absurd: float,
     ) -> float:
-        """Sizes, shapes, staleness, finite values and the norm; returns the norm."""
+        """Sizes, shapes, finite values and the norm; returns the norm."""
         check_tensors(update, self.spec)
-        staleness = version - update.base
-        if not 0 <= staleness <= self.max_staleness:
-            raise UpdateRejected(
-                Reason.STALE, f"base {update.base} at version {version} (max {self.max_staleness})"
-            )
         if not dequantized_finite(update.tensors):
             raise UpdateRejected(Reason.NONFINITE, "lo + scale*q overflows float32")
         norm = measure(update.tensors) if measure is not None else 0.0

@@ -19,25 +19,22 @@ from typing import Any
 from ..checkpoint import CheckpointStore, NodeState
 from ..config import AggregatorSettings, ConfigError
 from ..outbox import Outbox
-from ..params import Params, is_finite, num_parameters, spec_of
+from ..params import Params, is_finite, num_parameters
 from ..profiles import OsReader
 from ..robust import NormWindow
-from ..signing import check_model, load_private_key, load_public_key, sign_model
+from ..signing import load_private_key, load_public_key, sign_model
 from ..supervise import first_completed, wait_event
 from ..tasks import Task, load_task, set_torch_threads
 from ..telemetry import Telemetry, last_will
-from ..topics import ID_RE, Topics
-from ..transport import Message, NotConnected, PublishTimeout, Transport
+from ..topics import Topics
+from ..transport import NotConnected, PublishTimeout, Transport
 from ..wire import (
     MetricValue,
     Model,
     Reason,
     Status,
     UpdateRejected,
-    decode_model,
-    decode_status,
     encode_model,
-    model_params,
     model_tensors,
 )
 from .admission import Rejections, UpdateGate
@@ -45,6 +42,7 @@ from .fold import FoldStats, RoundFold
 from .journal import Journal, Key, replay
 from .parent import ParentLink, PendingSync
 from .persist import resume, snapshot, unsettled
+from .receive import ReceivePath
 from .report import evaluation_fields, round_fields, round_story
 from .retained import RetainedModel
 from .rounds import CloseReason, Round, apply_delta
@@ -112,7 +110,7 @@ class Aggregator:
             f"edgefl-{self.tier}-{self.id}",
             will=last_will(self.topics, self.parent, self.id, self.tier) if self.parent else None,
             on_connect=self._on_connect,
-            on_message=self._dispatch,  # the receive path runs as each message is read
+            on_message=lambda m: self.receive.dispatch(m),  # runs as each message is read
             max_payload_bytes=self._payload_limit,
             # Updates sent while the node restarts wait at the broker, not in the void.
             persistent=True,
@@ -138,9 +136,7 @@ class Aggregator:
             metrics=settings.metrics,
         )
         self.last_metrics: dict[str, MetricValue] = {}
-        self._update_prefix = self.topics.updates_of(self.id)[:-1]
-        self._status_prefix = self.topics.statuses_of(self.id)[:-1]
-        self._parent_topic = self.topics.model(self.parent) if self.parent else None
+        self.receive = ReceivePath(self)
         self._parent_model: tuple[int, Params] | None = None
         self._model_key = load_private_key(settings.model_key) if settings.model_key else None
         self._parent_key = load_public_key(settings.parent_key) if settings.parent_key else None
@@ -182,7 +178,7 @@ class Aggregator:
             # anything from the broker; a sender's second update waits for the announcement.
             self.children.remember(key[0] for key, _ in self.journal.entries())
             self._replay_later = replay(
-                self.journal, self._on_update, self.round.waiting.__contains__
+                self.journal, self.receive.on_update, self.round.waiting.__contains__
             )
             self.journal.start()
         if self.link is not None:
@@ -225,108 +221,6 @@ class Aggregator:
             workers.append(self.link.flush())
         await first_completed(*workers)
 
-    # ---------------------------------------------------------------- receiving
-    def _dispatch(self, message: Message) -> None:
-        topic = message.topic
-        if topic.startswith(self._update_prefix):
-            self._on_update(topic[len(self._update_prefix) :], message.payload)
-        elif topic.startswith(self._status_prefix):
-            self._on_status(topic[len(self._status_prefix) :], message.payload)
-        elif topic == self._parent_topic:
-            self._on_parent_model(message.payload)
-
-    def _on_update(self, sender: str, payload: bytes) -> None:
-        started = time.perf_counter()
-        rnd, children = self.round, self.children
-        try:
-            if not ID_RE.match(sender):
-                raise UpdateRejected(Reason.UNKNOWN_SENDER, "not an id")
-            ok = self.gate.admit(
-                payload,
-                sender,
-                self.version,
-                children.__contains__,
-                bound=children.bound,
-                measure=rnd.fold.measure,
-                absurd=rnd.fold.reject_bound(),
-            )
-        except UpdateRejected as exc:
-            self.rejected.add(sender, exc, known=sender in children)
-            if self.gate.refused is not None:
-                log.debug(
-                    "%s: refused %s:%d:%d (%s)", self.id, *self.gate.refused, exc.reason.value
-                )
-                self.gate.refused = None
-            return
-        update = ok.update
-        refused = rnd.admit(sender, ok, self.gate.weight(ok, rnd.version))
-        if refused is not None:  # one update per sender per round, one more carried
-            self.gate.ledger.settle(sender, refused.update.inc, refused.update.seq)
-            log.debug(
-                "%s: refused %s:%d:%d (repeat)",
-                self.id,
-                sender,
-                refused.update.inc,
-                refused.update.seq,
-            )
-            self.rejected.add(sender, UpdateRejected(Reason.REPEAT, "a third in one round"))
-            if refused is ok:
-                return
-        if self.journal is not None:
-            self.journal.append((sender, update.inc, update.seq), payload)
-        children.answered(sender)
-        rnd.bytes_in += len(payload)
-        rnd.fold_s += time.perf_counter() - started
-        if rnd.may_close(children.online_eligible, children.online):
-            self._wake.set()
-
-    def _on_status(self, child: str, payload: bytes) -> None:
-        if not ID_RE.match(child):
-            return
-        status: Status | None = None
-        if payload:
-            try:
-                status = decode_status(payload)
-            except UpdateRejected as exc:
-                log.debug("%s: bad status from %s: %s", self.id, child, exc)
-                return
-            if status.id and status.id != child:
-                log.debug("%s: status on %s names %s; ignored", self.id, child, status.id)
-                return
-        if not self.children.update(child, status):
-            return
-        if status is not None and status.declined == self.round.number:
-            self.round.declined.add(child)  # it said so: stop waiting for it this round
-        if self.round.announced:
-            self._wake.set()
-
-    def _on_parent_model(self, payload: bytes) -> None:
-        if not payload or self.link is None:
-            return
-        adopted = self.link.uplink.parent_version
-        try:
-            model = decode_model(payload, max_bytes=self._payload_limit)
-            check_model(
-                model,
-                held=adopted,
-                public=self._parent_key,
-                max_jump=self.settings.max_version_jump,
-            )
-            params = model_params(model)
-            if spec_of(params) != self.spec:
-                raise UpdateRejected(Reason.SHAPE, "parent model does not match the task")
-            if not is_finite(params):
-                raise UpdateRejected(Reason.NONFINITE, "parent model is not finite")
-        except UpdateRejected as exc:
-            self.rejected.add(self.parent or "parent", exc)
-            return
-        self.link.on_model(model)
-        # The version adopted comes back on every reconnect (retained): nothing to do.
-        pending = self._parent_model[0] if self._parent_model else adopted
-        if model.version > max(adopted, pending):
-            self._parent_model = (model.version, params)
-            self._wake.set()
-
     async def _on_connect(self) -> None:
         self._status_due = True
         self._announce_due = self.round.announced
@@ -341,7 +235,7 @@ class Aggregator:
         if not await self._adopt_parent():
             await self._announce()
         for (sender, _, _), payload in self._replay_later:  # now the round is announced
-            self._on_update(sender, payload)
+            self.receive.on_update(sender, payload)
         self._replay_later = []
         while not (self.settings.rounds and self.aggregations >= self.settings.rounds):
             await self._step()

@@ -69,8 +69,11 @@ def test_every_reason_is_raised_by_its_own_check() -> None:
     gate.ledger.settle("d1", 0, 0)  # its round closed
     assert _reason(gate, encode_update(_update(seq=1, base=0))) is Reason.STALE
     assert _reason(gate, encode_update(_update(seq=2, base=4))) is Reason.STALE  # unknown base
-    # Refused for good: settled, so the child's receipt covers it and a resend is a duplicate.
-    assert gate.ledger.receipt("d1") == (0, 2)
+    # A stale update is not settled: a receipt says "folded or broken", never "stale".
+    assert gate.ledger.receipt("d1") == (0, 0)
+    bad = msgspec.structs.replace(_update(seq=2), tensors=float_params({"w": np.zeros(6)}))
+    assert _reason(gate, encode_update(bad)) is Reason.SHAPE
+    assert gate.ledger.receipt("d1") == (0, 2)  # broken for good: settled
     assert _reason(gate, encode_update(_update(seq=2, base=3))) is Reason.DUPLICATE
     forged = sign(_update("signed"), b"wrong key")
     assert _reason(gate, encode_update(forged), sender="signed") is Reason.BAD_SIGNATURE

@@ -1,0 +1,137 @@
+"""The receive path of an aggregation node: every message, as the transport reads it.
+
+Updates are decoded, checked and folded into the open round, statuses update the
+children, the parent's model is checked and noted; nothing here awaits, publishes
+or touches the disk (the journal's writer thread does that).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..params import is_finite, spec_of
+from ..signing import check_model
+from ..topics import ID_RE
+from ..transport import Message
+from ..wire import Reason, Status, UpdateRejected, decode_model, decode_status, model_params
+
+if TYPE_CHECKING:
+    from .node import Aggregator
+
+log = logging.getLogger("edgefl.aggregator")
+
+
+class ReceivePath:
+    """The node's message callback; ``on_update`` is the hot path (one per update)."""
+
+    def __init__(self, node: Aggregator) -> None:
+        self.node = node
+        self._update_prefix = node.topics.updates_of(node.id)[:-1]
+        self._status_prefix = node.topics.statuses_of(node.id)[:-1]
+        self._parent_topic = node.topics.model(node.parent) if node.parent else None
+
+    def dispatch(self, message: Message) -> None:
+        topic = message.topic
+        if topic.startswith(self._update_prefix):
+            self.on_update(topic[len(self._update_prefix) :], message.payload)
+        elif topic.startswith(self._status_prefix):
+            self.on_status(topic[len(self._status_prefix) :], message.payload)
+        elif topic == self._parent_topic:
+            self.on_parent_model(message.payload)
+
+    def on_update(self, sender: str, payload: bytes) -> None:
+        node = self.node
+        started = time.perf_counter()
+        rnd, children = node.round, node.children
+        try:
+            if not ID_RE.match(sender):
+                raise UpdateRejected(Reason.UNKNOWN_SENDER, "not an id")
+            ok = node.gate.admit(
+                payload,
+                sender,
+                node.version,
+                children.__contains__,
+                bound=children.bound,
+                measure=rnd.fold.measure,
+                absurd=rnd.fold.reject_bound(),
+            )
+        except UpdateRejected as exc:
+            node.rejected.add(sender, exc, known=sender in children)
+            if node.gate.refused is not None:
+                log.debug(
+                    "%s: refused %s:%d:%d (%s)", node.id, *node.gate.refused, exc.reason.value
+                )
+                node.gate.refused = None
+            return
+        update = ok.update
+        refused = rnd.admit(sender, ok, node.gate.weight(ok, rnd.version))
+        if refused is not None:  # one update per sender per round, one more carried
+            node.gate.ledger.settle(sender, refused.update.inc, refused.update.seq)
+            log.debug(
+                "%s: refused %s:%d:%d (repeat)",
+                node.id,
+                sender,
+                refused.update.inc,
+                refused.update.seq,
+            )
+            node.rejected.add(sender, UpdateRejected(Reason.REPEAT, "a third in one round"))
+            if refused is ok:
+                return
+        if node.journal is not None:
+            node.journal.append((sender, update.inc, update.seq), payload)
+        children.answered(sender)
+        rnd.bytes_in += len(payload)
+        rnd.fold_s += time.perf_counter() - started
+        if rnd.may_close(children.online_eligible, children.online):
+            node._wake.set()
+
+    def on_status(self, child: str, payload: bytes) -> None:
+        node = self.node
+        if not ID_RE.match(child):
+            return
+        status: Status | None = None
+        if payload:
+            try:
+                status = decode_status(payload)
+            except UpdateRejected as exc:
+                log.debug("%s: bad status from %s: %s", node.id, child, exc)
+                return
+            if status.id and status.id != child:
+                log.debug("%s: status on %s names %s; ignored", node.id, child, status.id)
+                return
+        if not node.children.update(child, status):
+            return
+        if status is not None and status.declined == node.round.number:
+            node.round.declined.add(child)  # it said so: stop waiting for it this round
+        if node.round.announced:
+            node._wake.set()
+
+    def on_parent_model(self, payload: bytes) -> None:
+        node = self.node
+        if not payload or node.link is None:
+            return
+        adopted = node.link.uplink.parent_version
+        try:
+            model = decode_model(payload, max_bytes=node._payload_limit)
+            check_model(
+                model,
+                held=adopted,
+                public=node._parent_key,
+                max_jump=node.settings.max_version_jump,
+            )
+            params = model_params(model)
+            if spec_of(params) != node.spec:
+                raise UpdateRejected(Reason.SHAPE, "parent model does not match the task")
+            if not is_finite(params):
+                raise UpdateRejected(Reason.NONFINITE, "parent model is not finite")
+        except UpdateRejected as exc:
+            node.rejected.add(node.parent or "parent", exc)
+            return
+        node.link.on_model(model)
+        # The version adopted comes back on every reconnect (retained): nothing to do.
+        pending = node._parent_model[0] if node._parent_model else adopted
+        if model.version > max(adopted, pending):
+            node._parent_model = (model.version, params)
+            node._wake.set()
