@@ -30,7 +30,7 @@ from ..tasks import DeviceData, Task, TrainResult, load_task, set_torch_threads
 from ..tasks.training import TrainingStopped, accepts_should_stop
 from ..telemetry import Telemetry, last_will
 from ..topics import Topics
-from ..transport import Message, Transport
+from ..transport import LOST, Message, Transport
 from ..wire import MetricValue, Model, QTensor, Reason, Status, UpdateRejected, decode_model
 from ..wire import model_params as wire_params
 from .limits import OverBudget, bound_config, with_budget
@@ -43,7 +43,7 @@ from .update import (
     float32_bytes,
     is_finite,
 )
-from .uplink import LOST, Uploader
+from .uplink import Uploader
 from .worker import run_stoppable
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,11 @@ from collections.abc import Callable
 
 from ..outbox import DiskFull, Entry, Outbox
 from ..profiles import UplinkEstimator
-from ..transport import NotConnected, Transport
+from ..transport import LOST, Transport
 from ..wire import Model, TrainConfig
 
 log = logging.getLogger(__name__)
 
-#: What a publish raises when the entry must stay buffered: offline, or no PUBACK in time.
-LOST = (NotConnected, TimeoutError, asyncio.TimeoutError)
 #: A delivered update's receipt is late after a round's deadline (``config.deadline_s``
 #: of the latest Model), at least this long; each resend doubles the wait.
 RESEND_MIN_S = 5.0

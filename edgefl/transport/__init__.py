@@ -9,6 +9,7 @@ payloads is in ``chunks.py``.
 from __future__ import annotations
 
 from .base import (
+    LOST,
     AnyTransport,
     Message,
     NotConnected,
@@ -23,6 +24,7 @@ from .memory import MemoryBroker, MemoryTransport
 from .mqtt import SESSION_EXPIRY_S, Transport, tls_context
 
 __all__ = [
+    "LOST",
     "SESSION_EXPIRY_S",
     "AnyTransport",
     "MemoryBroker",

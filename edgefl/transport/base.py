@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ class TransportClosed(NotConnected):
     A ``NotConnected`` so that code which keeps its data for a later session
     does the right thing when the session has ended.
     """
+
+
+#: What a publish raises when the message did not (or may not have) gone out: offline,
+#: closed, or no acknowledgement in time. The caller keeps the message for later.
+LOST: tuple[type[BaseException], ...] = (NotConnected, TimeoutError, asyncio.TimeoutError)
 
 
 @dataclass(frozen=True)
