@@ -14,7 +14,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-log = logging.getLogger("edgefl.outbox")
+log = logging.getLogger("edgefl.outbox")  # part of the outbox, as its users see it
 
 # sqlite result codes (the primary code is the low byte of an extended one).
 SQLITE_IOERR = 10

@@ -29,7 +29,7 @@ from .selection import select
 if TYPE_CHECKING:
     from .node import Aggregator
 
-log = logging.getLogger("edgefl.aggregator")
+log = logging.getLogger(__name__)
 
 #: After connecting, how long to let retained statuses and the parent model arrive
 #: before the first round is announced.

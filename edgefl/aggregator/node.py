@@ -44,7 +44,7 @@ from .rounds import Round
 from .selection import Children
 from .uplink import Uplink
 
-log = logging.getLogger("edgefl.aggregator")
+log = logging.getLogger(__name__)
 
 GOODBYE_TIMEOUT_S = 2.0
 

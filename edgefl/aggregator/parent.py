@@ -23,7 +23,7 @@ from ..transport import NotConnected, PublishTimeout, Transport
 from ..wire import Model, encode_update, sign
 from .uplink import Uplink, Verdict
 
-log = logging.getLogger("edgefl.aggregator")
+log = logging.getLogger(__name__)
 
 #: A stored sync: ``{"seq", "topic", "payload"}``.
 PendingSync = dict[str, Any]

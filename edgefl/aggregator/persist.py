@@ -22,7 +22,7 @@ from .uplink import Uplink
 if TYPE_CHECKING:
     from .node import Aggregator
 
-log = logging.getLogger("edgefl.aggregator")
+log = logging.getLogger(__name__)
 
 
 def snapshot(node: Aggregator) -> NodeState:

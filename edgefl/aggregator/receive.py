@@ -20,7 +20,7 @@ from ..wire import Reason, Status, UpdateRejected, decode_model, decode_status, 
 if TYPE_CHECKING:
     from .node import Aggregator
 
-log = logging.getLogger("edgefl.aggregator")
+log = logging.getLogger(__name__)
 
 
 class ReceivePath:

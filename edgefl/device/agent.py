@@ -18,40 +18,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import ConfigError, DeviceSettings
-from ..outbox import DiskFull, Outbox
-from ..params import l2_norm
+from ..outbox import Outbox
 from ..profiles import Decision, Reading, UplinkEstimator
 from ..signing import check_model, load_public_key
 from ..supervise import first_completed, wait_event
-from ..tasks import DeviceData, Task, TrainResult, load_task, set_torch_threads
-from ..tasks.training import TrainingStopped, accepts_should_stop
+from ..tasks import DeviceData, Task, load_task, set_torch_threads
+from ..tasks.training import accepts_should_stop
 from ..telemetry import Telemetry, last_will
 from ..topics import Topics
 from ..transport import LOST, Message, Transport
-from ..wire import MetricValue, Model, QTensor, Reason, Status, UpdateRejected, decode_model
-from ..wire import model_params as wire_params
-from .limits import OverBudget, bound_config, with_budget
-from .policy import DEADLINE_PASSED, decide, policy_of, selected
+from ..wire import MetricValue, Model, Reason, Status, UpdateRejected, decode_model
+from .policy import policy_of
 from .report import device_status, finite, profile_fields, status_key
+from .rounds import PROGRESS_KEY, Rounds
 from .update import (
     Progress,
     UpdateEncoder,
     expected_update_bytes,
-    float32_bytes,
-    is_finite,
 )
 from .uplink import Uploader
-from .worker import run_stoppable
 
 log = logging.getLogger(__name__)
 
-#: How long a stop waits for a training thread that ignores its stop flag.
-STOP_WAIT_S = 10.0
-#: How long a model that arrived mid-connect waits for the session to be up.
-SESSION_WAIT_S = 5.0
 #: How long a clean stop waits to publish ``online: false``.
 GOODBYE_TIMEOUT_S = 2.0
 #: The profile is re-read this often; Status goes out on change or every heartbeat.
@@ -60,12 +49,6 @@ STATUS_POLL_S = 5.0
 LINK_POLL_S = 0.25
 #: How often the outbox is looked at for updates whose receipt is late.
 RESEND_POLL_S = 5.0
-#: Update metrics that travel inside the Update itself (the rest go to the metrics topic).
-UPDATE_METRICS = ("loss", "loss_before", "train_ms", "samples")
-
-PROGRESS_KEY = "device.progress"
-#: TrainConfig fields a model may ask for only within the device's own bounds.
-_BOUNDED = {"epochs", "batch_size"}
 
 
 class DeviceAgent:
@@ -144,6 +127,7 @@ class DeviceAgent:
         self._status_due = asyncio.Event()
         self._flush_due = asyncio.Event()
         self._status_sent_at = -math.inf
+        self.rounds = Rounds(self)
 
     # ------------------------------------------------------------- lifecycle
     @property
@@ -191,7 +175,7 @@ class DeviceAgent:
     async def run(self) -> None:
         """Serve until cancelled: the session, rounds, status heartbeats and outbox flushes."""
         self._box()
-        await first_completed(self._link(), self._rounds(), self._heartbeat(), self._flusher())
+        await first_completed(self._link(), self.rounds.run(), self._heartbeat(), self._flusher())
 
     # ---------------------------------------------------------- MQTT session
     async def _link(self) -> None:
@@ -270,236 +254,6 @@ class DeviceAgent:
         self._latest, self._received_at = model, self.clock()
         self._model_due.set()
 
-    # ---------------------------------------------------------------- rounds
-    async def _rounds(self) -> None:
-        while True:
-            await self._model_due.wait()
-            self._model_due.clear()
-            await self._session_up()
-            model = self._latest
-            if model is None or not selected(model, self.id):
-                continue
-            if (model.round, model.version) == self.progress.trained:
-                continue
-            reading = self.reader.read()
-            decision = self._decide(reading, model)
-            if decision.ok:
-                self._declined_for = None
-                await self._train_round(model)
-            else:
-                await self._decline(model, decision.reason, reading)
-
-    async def _session_up(self) -> None:
-        """A retained model can arrive while the session is still subscribing; its
-        status and metrics should not be lost to that moment, so wait for it (bounded)."""
-        transport = self.transport
-        if transport is not None and not transport.connected:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await transport.wait_connected(SESSION_WAIT_S)
-
-    def _decide(self, reading: Reading, model: Model | None) -> Decision:
-        now = self.clock()
-        return decide(
-            self.policy,
-            self.settings.policy,
-            reading,
-            expected_bytes=self.expected_bytes,
-            deadline=self._deadline(model),
-            now=now,
-        )
-
-    def _deadline(self, model: Model | None) -> float:
-        """The latest model's deadline on *our* clock (0: none).
-
-        The node says how long the round had left when it published (``deadline -
-        sent_at``, both on its clock); that duration counts from when the model
-        arrived here, so a board whose clock is off (no RTC before NTP) is not fooled.
-        A node that sends no ``sent_at`` is judged by wall-clock time, as before.
-        """
-        if model is None or model.deadline <= 0:
-            return 0.0
-        if model.sent_at <= 0:
-            return model.deadline
-        return self._received_at + (model.deadline - model.sent_at)
-
-    def _pending(self) -> Model | None:
-        """The latest model if it was declined and its deadline is still ahead."""
-        model, declined = self._latest, self._declined_for
-        if model is None or declined is None or declined[0] != (model.round, model.version):
-            return None
-        now = self.clock()
-        if declined[1] == DEADLINE_PASSED or 0 < self._deadline(model) <= now:
-            return None
-        return model
-
-    async def _decline(self, model: Model, reason: str, reading: Reading) -> None:
-        key = (model.round, model.version)
-        if self._declined_for == (key, reason):
-            return  # the same verdict on the same round counts once
-        self._declined_for = (key, reason)
-        self.declined[reason] += 1
-        log.info("device %s: round %d (v%d) declined: %s", self.id, *key, reason)
-        # Said in the Status, so the node stops waiting for us this round. A late model
-        # says nothing about the device itself: it stays eligible for the next one.
-        late = reason == DEADLINE_PASSED
-        verdict = self._decide(reading, None) if late else Decision(False, reason)
-        await self._publish_status(reading, verdict, declined=(key[0], reason))
-        fields: dict[str, MetricValue] = {
-            "event": "declined",
-            "round": key[0],
-            "version": key[1],
-            "reason": reason,
-        }
-        await self._metrics(fields, reading)
-
-    async def _train_round(self, model: Model) -> None:
-        started = time.perf_counter()
-        key = (model.round, model.version)
-        try:
-            result, tensors, quantize_ms = await run_stoppable(
-                lambda: self._train(model), self._stop, name=f"train-{self.id}", wait_s=STOP_WAIT_S
-            )
-        except RuntimeError as exc:  # torch's failures (CUDA out of memory, ...) skip a round
-            log.error("device %s: training round %d failed: %s", self.id, model.round, exc)
-            self.declined["train_failed"] += 1
-            self.progress.trained = key
-            return
-        if tensors is None:
-            log.warning("device %s: round %d diverged; nothing sent", self.id, model.round)
-            self.declined["diverged"] += 1
-            self.progress.trained = key
-            return
-        stored = time.perf_counter()
-        made = await self._store(model, result, tensors)
-        if made is None:
-            return  # the disk is full: logged and counted in declined
-        seq, size, encode_ms = made
-        store_ms = (time.perf_counter() - stored) * 1000.0
-        self.rounds_trained += 1
-        self._status_due.set()  # buffered changed
-        sent, upload_ms = await self._flush()
-        m = result.metrics
-        log.info(
-            "device %s: round %d (v%d) trained on %d samples, loss %.4f -> %.4f in %.0f ms; "
-            "update seq %d, %d bytes, %s",
-            self.id,
-            *key,
-            result.n,
-            m.get("loss_before", math.nan),
-            m.get("loss", math.nan),
-            m.get("train_ms", math.nan),
-            seq,
-            size,
-            "sent" if sent else "buffered",
-        )
-        fields: dict[str, MetricValue] = {
-            "event": "round",
-            "round": key[0],
-            "version": key[1],
-            "seq": seq,
-            **{k: float(v) for k, v in m.items()},
-            "quantize_ms": quantize_ms,
-            "encode_ms": encode_ms,
-            "store_ms": store_ms,
-            "upload_bytes": size,
-            "compression": float32_bytes(self.spec) / size,
-            "upload_ms": upload_ms,
-            "uploaded": sent,
-            "round_ms": (time.perf_counter() - started) * 1000.0,
-            "residual_norm": l2_norm(self.encoder.feedback.residual),
-        }
-        await self._metrics(fields, self.reader.read())
-
-    def _train(self, model: Model) -> tuple[TrainResult, list[QTensor] | None, float]:
-        """In the worker thread: local training, then quantization."""
-        s = self.settings
-        # OpenMP thread limits are per thread: a new training thread would
-        # otherwise use every core, and a board's agent must leave some free.
-        torch.set_num_threads(s.torch_threads)
-        params = wire_params(model)
-        cfg = bound_config(model.config, max_epochs=s.max_epochs, min_batch_size=s.min_batch_size)
-        if cfg is not model.config:
-            self.clamped += 1
-            if self.clamped == 1:
-                asked, used = (c.model_dump(include=_BOUNDED) for c in (model.config, cfg))
-                log.warning("device %s: model asks %s; trains %s (once)", self.id, asked, used)
-        should_stop = with_budget(self._stop.is_set, s.max_train_s)
-        extra: dict[str, Any] = {"should_stop": should_stop} if self._stoppable else {}
-        start = time.perf_counter()
-        try:
-            result = self.task.train(
-                params,
-                self.data,
-                cfg,
-                precision=s.precision,
-                device=s.compute,
-                global_params=params if cfg.mu > 0 else None,
-                seed=(s.seed * 1_000_003 + model.round) % 2**31,
-                **extra,
-            )
-        except TrainingStopped:
-            if self._stop.is_set():
-                raise
-            raise OverBudget(f"stopped at max_train_s = {s.max_train_s:g} s") from None
-        result.metrics["task_ms"] = (time.perf_counter() - start) * 1000.0
-        if not is_finite(result.delta):
-            return result, None, 0.0
-        start = time.perf_counter()
-        tensors = self.encoder.tensors(result.delta, model.round)
-        return result, tensors, (time.perf_counter() - start) * 1000.0
-
-    async def _store(
-        self, model: Model, result: TrainResult, tensors: list[QTensor]
-    ) -> tuple[int, int, float] | None:
-        """Save the progress (round trained, residual), then seq, signature and entry.
-
-        Two outbox transactions in one worker thread that holds the outbox, so
-        neither a stop nor another call falls between them. Progress first: a crash
-        between the two loses this round's update rather than letting the restarted
-        device train the round again and send it twice (a node dedupes by seq, not
-        by round). None when the disk has no room for them even with the outbox
-        emptied: the round is counted as ``disk_full`` and the device goes on.
-        """
-        box = self._box()
-        made: dict[str, float] = {}
-        metrics = {k: result.metrics[k] for k in UPDATE_METRICS if k in result.metrics}
-
-        def build(seq: int) -> bytes:
-            start = time.perf_counter()
-            payload = self.encoder.encode(
-                tensors,
-                seq=seq,
-                round_=model.round,
-                base=model.version,
-                n=result.n,
-                metrics=metrics,
-                inc=box.incarnation,
-            )
-            made["encode_ms"] = (time.perf_counter() - start) * 1000.0
-            made["size"] = len(payload)
-            return payload
-
-        def write() -> int:
-            with box.held():
-                box.set_state(PROGRESS_KEY, self.progress.dump())
-                return box.put_with_seq(self.id, self.update_topic, build)[1]
-
-        self.progress.trained = (model.round, model.version)
-        self.progress.residual = self.encoder.feedback.residual
-        try:
-            seq = await asyncio.to_thread(write)
-        except DiskFull as exc:
-            self.declined["disk_full"] += 1
-            log.warning(
-                "device %s: round %d (v%d) trained, update not stored: %s",
-                self.id,
-                model.round,
-                model.version,
-                exc,
-            )
-            return None
-        return seq, int(made["size"]), made["encode_ms"]
-
     # ---------------------------------------------------------------- outbox
     async def _flusher(self) -> None:
         while True:
@@ -527,8 +281,8 @@ class DeviceAgent:
             await wait_event(self._status_due, poll)
             self._status_due.clear()
             reading = self.reader.read()
-            pending = self._pending()
-            decision = self._decide(reading, pending)
+            pending = self.rounds.pending()
+            decision = self.rounds.decide(reading, pending)
             if pending is not None and decision.ok:
                 self._model_due.set()  # things changed: try the declined round again
             if self.connected and len(self._box()):
