@@ -37,7 +37,7 @@ from edgefl.params import Params, is_finite, subtract
 from edgefl.quant import ErrorFeedback
 from edgefl.robust import NormWindow
 from edgefl.tasks import load_task, set_torch_threads
-from edgefl.wire import Status, TrainConfig, Update, UpdateRejected, encode_update, sign
+from edgefl.wire import Rejected, Status, TrainConfig, Update, encode_update, sign
 
 GATEWAYS = 4
 DEVICES = 40
@@ -79,7 +79,7 @@ class Node:
                 measure=rnd.fold.measure,
                 absurd=rnd.fold.reject_bound(),
             )
-        except UpdateRejected:
+        except Rejected:
             self.rejected += 1
             return
         refused = rnd.admit(sender, ok, self.gate.weight(ok, rnd.version))

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import EdgeflError
 from .supervise import wait_event
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ connection_messages false
 """
 
 
-class BrokerError(RuntimeError):
+class BrokerError(EdgeflError, RuntimeError):
     """A broker could not be started or did not come up."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from .errors import EdgeflError
 from .params import Params
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ _TEMP_PREFIX = ".tmp-state-"
 MARK_NAME = "published.mark"
 
 
-class CorruptCheckpoint(Exception):
+class CorruptCheckpoint(EdgeflError):
     """A checkpoint file failed its magic, format, length, checksum or schema check."""
 
 

@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .errors import EdgeflError
 from .robust import Rule
 from .topics import ID_RE, Topics
 from .wire import TrainConfig
@@ -31,7 +32,7 @@ LinkType = Literal["ethernet", "wifi", "cellular", "unknown"]
 KEY_PATTERN = r"^[0-9a-fA-F]{64}$"
 
 
-class ConfigError(ValueError):
+class ConfigError(EdgeflError, ValueError):
     """Settings that cannot be used; the message is one line meant for the user."""
 
 

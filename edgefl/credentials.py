@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import EdgeflError
 from .signing import generate_key_pair, load_private_key, public_hex
 from .topics import TopicError, Topics, check_id
 
@@ -41,7 +42,7 @@ _BLOCK_START = "# edgefl "
 _BLOCK_RE = re.compile(r"^# edgefl (?P<role>\w+) (?P<id>[A-Za-z0-9_-]{1,64})$")
 
 
-class CredentialsError(Exception):
+class CredentialsError(EdgeflError):
     """A request that cannot be carried out; the message is one line for the user."""
 
 

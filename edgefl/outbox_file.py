@@ -14,6 +14,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from .errors import EdgeflError
+
 log = logging.getLogger("edgefl.outbox")  # part of the outbox, as its users see it
 
 # sqlite result codes (the primary code is the low byte of an extended one).
@@ -57,7 +59,7 @@ FULL_LOG_S = 3600.0
 ROOM_MARGIN = 64 * 1024
 
 
-class DiskFull(Exception):
+class DiskFull(EdgeflError):
     """The disk that holds the outbox has no room for this write; nothing was written."""
 
 

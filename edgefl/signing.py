@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .config import ConfigError
-from .wire import Model, Reason, UpdateRejected
+from .wire import Model, Reason, Rejected
 
 #: An Ed25519 key, private or public, is 32 bytes: 64 hex digits.
 KEY_HEX_DIGITS = 64
@@ -56,19 +56,19 @@ def sign_model(model: Model, private: Ed25519PrivateKey) -> Model:
 
 
 def verify_model(model: Model, public: Ed25519PublicKey) -> None:
-    """Raise ``UpdateRejected(bad_signature)`` unless ``model.sig`` verifies under ``public``."""
+    """Raise ``Rejected(bad_signature)`` unless ``model.sig`` verifies under ``public``."""
     if model.sig is None:
-        raise UpdateRejected(Reason.BAD_SIGNATURE, "unsigned model")
+        raise Rejected(Reason.BAD_SIGNATURE, "unsigned model")
     try:
         public.verify(model.sig, signed_body(model))
     except InvalidSignature:
-        raise UpdateRejected(Reason.BAD_SIGNATURE, "model signature mismatch") from None
+        raise Rejected(Reason.BAD_SIGNATURE, "model signature mismatch") from None
 
 
 def check_model(
     model: Model, *, held: int | None, public: Ed25519PublicKey | None, max_jump: int
 ) -> None:
-    """What a child checks before it takes a parent's model; raises ``UpdateRejected``.
+    """What a child checks before it takes a parent's model; raises ``Rejected``.
 
     With ``public`` the model must be signed under it. Its version may never be below
     ``held`` (the version the child holds; None: nothing yet). An unverified model may
@@ -81,9 +81,9 @@ def check_model(
     if held is None:
         return
     if model.version < held:
-        raise UpdateRejected(Reason.VERSION, f"version {model.version} is below v{held} held")
+        raise Rejected(Reason.VERSION, f"version {model.version} is below v{held} held")
     if public is None and model.version - held > max_jump:
-        raise UpdateRejected(
+        raise Rejected(
             Reason.VERSION,
             f"unsigned version {model.version} is more than {max_jump} ahead of v{held}",
         )

@@ -10,13 +10,15 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import EdgeflError
+
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 Kind = Literal["model", "update", "status", "metrics"]
 Role = Literal["device", "gateway", "cloud"]
 ROLES: tuple[str, ...] = ("device", "gateway", "cloud")
 
 
-class TopicError(ValueError):
+class TopicError(EdgeflError, ValueError):
     """A topic or id that does not follow the edgefl topic scheme."""
 
 

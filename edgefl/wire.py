@@ -1,12 +1,11 @@
 """Wire schemas and codecs: Update (msgspec) and Model as msgpack, Status and Metrics as JSON.
 
-Decoding untrusted bytes returns a valid object or raises ``UpdateRejected``;
+Decoding untrusted bytes returns a valid object or raises ``Rejected``;
 nothing else escapes. Sizes are checked before parsing. No I/O here.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import json
@@ -20,6 +19,7 @@ import msgspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import Reason, Rejected
 from .params import Params, Spec
 
 SCHEMA_VERSION = 1
@@ -27,34 +27,6 @@ SCHEMA_VERSION = 1
 MONITOR_SCHEMA = 1
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class Reason(str, enum.Enum):
-    """Why an incoming update (or chunk) was refused. Counted per reason in Metrics."""
-
-    MALFORMED = "malformed"
-    OVERSIZED = "oversized"
-    SHAPE = "shape"
-    NONFINITE = "nonfinite"
-    DUPLICATE = "duplicate"
-    STALE = "stale"
-    UNKNOWN_SENDER = "unknown_sender"
-    BAD_SIGNATURE = "bad_signature"
-    NORM = "norm"
-    CHUNK_TIMEOUT = "chunk_timeout"
-    #: a third update from one sender in one round (one is folded, one carried over).
-    REPEAT = "repeat"
-    #: a model whose version goes back, or jumps further ahead than allowed.
-    VERSION = "version"
-
-
-class UpdateRejected(Exception):
-    """An incoming message failed validation; ``reason`` says which check."""
-
-    def __init__(self, reason: Reason, detail: str = "") -> None:
-        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
-        self.reason = reason
-        self.detail = detail
 
 
 class _Strict(BaseModel):
@@ -192,13 +164,13 @@ def _pack(obj: Mapping[str, Any]) -> bytes:
 
 def _unpack(data: bytes, max_bytes: int) -> dict[str, Any]:
     if len(data) > max_bytes:
-        raise UpdateRejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
+        raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
     try:
         obj = msgpack.unpackb(data, raw=False, max_bin_len=max_bytes, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises a zoo of types on garbage
-        raise UpdateRejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
-        raise UpdateRejected(Reason.MALFORMED, "not a map")
+        raise Rejected(Reason.MALFORMED, "not a map")
     return obj
 
 
@@ -216,12 +188,12 @@ def sign(update: Update, key: bytes) -> Update:
 
 
 def verify(update: Update, key: bytes) -> None:
-    """Raise ``UpdateRejected(bad_signature)`` unless ``update.sig`` matches ``key``."""
+    """Raise ``Rejected(bad_signature)`` unless ``update.sig`` matches ``key``."""
     if update.sig is None:
-        raise UpdateRejected(Reason.BAD_SIGNATURE, "unsigned")
+        raise Rejected(Reason.BAD_SIGNATURE, "unsigned")
     expected = hmac.new(key, _signed_body(update), hashlib.sha256).digest()
     if not hmac.compare_digest(expected, update.sig):
-        raise UpdateRejected(Reason.BAD_SIGNATURE, "signature mismatch")
+        raise Rejected(Reason.BAD_SIGNATURE, "signature mismatch")
 
 
 _UPDATE_ENCODER = msgspec.msgpack.Encoder()
@@ -247,15 +219,15 @@ def decode_update(
     so that it may first know who sent the update.
     """
     if len(data) > max_bytes:
-        raise UpdateRejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
+        raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
     try:
         update = _UPDATE_DECODER.decode(data)
     except msgspec.ValidationError as exc:
-        raise UpdateRejected(Reason.MALFORMED, str(exc)[:200]) from None
+        raise Rejected(Reason.MALFORMED, str(exc)[:200]) from None
     except Exception as exc:  # DecodeError, but also UnicodeDecodeError and others on garbage
-        raise UpdateRejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if update.v != SCHEMA_VERSION:
-        raise UpdateRejected(Reason.MALFORMED, f"schema version {update.v!r}")
+        raise Rejected(Reason.MALFORMED, f"schema version {update.v!r}")
     if check:
         check_tensors(update, spec)
     return update
@@ -267,11 +239,11 @@ def check_tensors(update: Update, spec: Spec | None) -> None:
         count = math.prod(t.shape)
         width = 1 if t.dtype == "u8" else 4
         if len(t.q) != count * width:
-            raise UpdateRejected(Reason.SHAPE, f"{t.name}: {len(t.q)} bytes for shape {t.shape}")
+            raise Rejected(Reason.SHAPE, f"{t.name}: {len(t.q)} bytes for shape {t.shape}")
         if not (math.isfinite(t.lo) and math.isfinite(t.scale)) or t.scale < 0:
-            raise UpdateRejected(Reason.NONFINITE, f"{t.name}: lo={t.lo} scale={t.scale}")
+            raise Rejected(Reason.NONFINITE, f"{t.name}: lo={t.lo} scale={t.scale}")
         if t.dtype == "f32" and not np.isfinite(np.frombuffer(t.q, dtype="<f4")).all():
-            raise UpdateRejected(Reason.NONFINITE, f"{t.name}: non-finite values")
+            raise Rejected(Reason.NONFINITE, f"{t.name}: non-finite values")
     if spec is None:
         return
     got = {t.name: tuple(t.shape) for t in update.tensors}
@@ -279,7 +251,7 @@ def check_tensors(update: Update, spec: Spec | None) -> None:
         missing = sorted(set(spec) - set(got))
         extra = sorted(set(got) - set(spec))
         wrong = sorted(n for n in set(got) & set(spec) if got[n] != tuple(spec[n]))
-        raise UpdateRejected(
+        raise Rejected(
             Reason.SHAPE, f"missing={missing[:3]} extra={extra[:3]} wrong_shape={wrong[:3]}"
         )
 
@@ -289,23 +261,23 @@ def encode_model(model: Model) -> bytes:
 
 
 def decode_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Model:
-    """Parse a Model; raises ``UpdateRejected(malformed|oversized|shape)`` on bad input.
+    """Parse a Model; raises ``Rejected(malformed|oversized|shape)`` on bad input.
 
     Nothing else escapes: a child decodes whatever lands on its parent's model topic.
     """
     obj = _unpack(data, max_bytes)
     if obj.get("v") != SCHEMA_VERSION:
-        raise UpdateRejected(Reason.MALFORMED, f"schema version {obj.get('v')!r}")
+        raise Rejected(Reason.MALFORMED, f"schema version {obj.get('v')!r}")
     try:
         model = Model.model_validate(obj)
     except ValidationError as exc:
-        raise UpdateRejected(Reason.MALFORMED, _first_error(exc)) from None
+        raise Rejected(Reason.MALFORMED, _first_error(exc)) from None
     except Exception as exc:  # a validator tripping on input pydantic did not foresee
-        raise UpdateRejected(Reason.MALFORMED, f"not a Model: {type(exc).__name__}") from None
+        raise Rejected(Reason.MALFORMED, f"not a Model: {type(exc).__name__}") from None
     for t in model.tensors:
         width = 4 if t.dtype == "f32" else 2
         if len(t.data) != math.prod(t.shape) * width:
-            raise UpdateRejected(Reason.SHAPE, f"{t.name}: {len(t.data)} bytes for {t.shape}")
+            raise Rejected(Reason.SHAPE, f"{t.name}: {len(t.data)} bytes for {t.shape}")
     return model
 
 
@@ -343,11 +315,11 @@ def encode_status(status: Status) -> bytes:
 
 def decode_status(data: bytes, *, max_bytes: int = 64 * 1024) -> Status:
     if len(data) > max_bytes:
-        raise UpdateRejected(Reason.OVERSIZED, f"status of {len(data)} bytes")
+        raise Rejected(Reason.OVERSIZED, f"status of {len(data)} bytes")
     try:
         return Status.model_validate_json(data)
     except ValidationError as exc:
-        raise UpdateRejected(Reason.MALFORMED, _first_error(exc)) from None
+        raise Rejected(Reason.MALFORMED, _first_error(exc)) from None
 
 
 MetricValue = float | int | str | bool | None
@@ -365,7 +337,7 @@ def decode_metrics(data: bytes) -> dict[str, MetricValue]:
     try:
         doc = json.loads(data)
     except ValueError as exc:
-        raise UpdateRejected(Reason.MALFORMED, f"metrics not JSON: {exc}") from None
+        raise Rejected(Reason.MALFORMED, f"metrics not JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise UpdateRejected(Reason.MALFORMED, "metrics not an object")
+        raise Rejected(Reason.MALFORMED, "metrics not an object")
     return doc

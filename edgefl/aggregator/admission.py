@@ -1,7 +1,7 @@
 """Admission of children's updates: every check between raw bytes and the fold.
 
 ``UpdateGate.admit`` turns untrusted bytes into an accepted update with its capped
-sample count and norm, or raises ``UpdateRejected`` with the reason. Pure apart
+sample count and norm, or raises ``Rejected`` with the reason. Pure apart
 from the ledger of taken updates; it never folds or touches the network.
 ``Rejections`` counts and logs what was refused, in bounded log lines.
 """
@@ -24,8 +24,8 @@ from ..wire import (
     MAX_COUNTER,
     QTensor,
     Reason,
+    Rejected,
     Update,
-    UpdateRejected,
     check_tensors,
     decode_update,
     verify,
@@ -139,7 +139,7 @@ class UpdateGate:
         """The FedAvg weight at model ``version``: capped samples times the staleness factor."""
         staleness = version - admitted.update.base
         if not 0 <= staleness <= self.max_staleness:
-            raise UpdateRejected(Reason.STALE, f"base {admitted.update.base} at version {version}")
+            raise Rejected(Reason.STALE, f"base {admitted.update.base} at version {version}")
         return admitted.samples * self._weights[staleness]
 
     def admit(
@@ -160,24 +160,24 @@ class UpdateGate:
         update = decode_update(payload, max_bytes=self.max_bytes, check=False)
         sender = update.sender
         if sender != topic_sender:
-            raise UpdateRejected(
+            raise Rejected(
                 Reason.UNKNOWN_SENDER, f"sender {sender!r} on the topic of {topic_sender!r}"
             )
         if not (sender in self.allowed if self.allowed is not None else known(sender)):
-            raise UpdateRejected(Reason.UNKNOWN_SENDER, f"{sender!r} is not a known child")
+            raise Rejected(Reason.UNKNOWN_SENDER, f"{sender!r} is not a known child")
         self._check_signature(update)
         if self.ledger.seen(sender, update.inc, update.seq):
-            raise UpdateRejected(Reason.DUPLICATE, f"seq {update.seq} (inc {update.inc}) again")
+            raise Rejected(Reason.DUPLICATE, f"seq {update.seq} (inc {update.inc}) again")
         staleness = version - update.base
         if not 0 <= staleness <= self.max_staleness:
             # Not settled: a receipt means "folded, or broken for good", and a gateway
             # tells its stale sync from a folded one by that (its work goes in the next).
-            raise UpdateRejected(
+            raise Rejected(
                 Reason.STALE, f"base {update.base} at version {version} (max {self.max_staleness})"
             )
         try:
             norm = self._check_content(update, measure, absurd)
-        except UpdateRejected:
+        except Rejected:
             # Refused for good, from its (authenticated) sender: settled, so that its
             # receipt lets the child forget it instead of resending it for ever.
             self.ledger.settle(sender, update.inc, update.seq)
@@ -195,14 +195,14 @@ class UpdateGate:
         """Sizes, shapes, finite values and the norm; returns the norm."""
         check_tensors(update, self.spec)
         if not dequantized_finite(update.tensors):
-            raise UpdateRejected(Reason.NONFINITE, "lo + scale*q overflows float32")
+            raise Rejected(Reason.NONFINITE, "lo + scale*q overflows float32")
         norm = measure(update.tensors) if measure is not None else 0.0
         if not norm <= FOLD_NORM_LIMIT:
-            raise UpdateRejected(Reason.NONFINITE, f"norm {norm:.3g} would overflow the fold")
+            raise Rejected(Reason.NONFINITE, f"norm {norm:.3g} would overflow the fold")
         if self.max_norm is not None and not norm <= self.max_norm:
-            raise UpdateRejected(Reason.NORM, f"norm {norm:.4g} > {self.max_norm:.4g}")
+            raise Rejected(Reason.NORM, f"norm {norm:.4g} > {self.max_norm:.4g}")
         if not norm <= absurd:
-            raise UpdateRejected(Reason.NORM, f"norm {norm:.4g} > {absurd:.4g}, absurd")
+            raise Rejected(Reason.NORM, f"norm {norm:.4g} > {absurd:.4g}, absurd")
         return norm
 
     def _check_signature(self, update: Update) -> None:
@@ -210,7 +210,7 @@ class UpdateGate:
         if key is not None:
             verify(update, key)
         elif self.require_signature:
-            raise UpdateRejected(Reason.BAD_SIGNATURE, "no key for this sender")
+            raise Rejected(Reason.BAD_SIGNATURE, "no key for this sender")
 
 
 class Rejections:
@@ -234,7 +234,7 @@ class Rejections:
         self._quiet_senders: dict[Reason, set[str]] = {}
         self._summary_at = clock() + SUMMARY_S
 
-    def add(self, sender: str, exc: UpdateRejected, *, known: bool = True) -> None:
+    def add(self, sender: str, exc: Rejected, *, known: bool = True) -> None:
         if exc.reason is Reason.DUPLICATE:
             self.redelivered += 1
             return
@@ -256,7 +256,7 @@ class Rejections:
                 senders.add(key[0])
         self.summarize()
 
-    def _warn(self, key: tuple[str, Reason], exc: UpdateRejected) -> None:
+    def _warn(self, key: tuple[str, Reason], exc: Rejected) -> None:
         log.warning(
             "%s: message from %r rejected (%s): %s; further ones are only counted",
             self.node,

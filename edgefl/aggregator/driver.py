@@ -19,7 +19,7 @@ from ..signing import sign_model
 from ..supervise import wait_event
 from ..tasks import set_torch_threads
 from ..transport import LOST
-from ..wire import MetricValue, Model, Reason, UpdateRejected, encode_model, model_tensors
+from ..wire import MetricValue, Model, Reason, Rejected, encode_model, model_tensors
 from .fold import FoldStats
 from .parent import PendingSync
 from .report import round_story
@@ -120,7 +120,7 @@ class Driver:
         rnd.announced = True
         for ok, why in rnd.open_waiting(lambda ok: node.gate.weight(ok, rnd.version)):
             node.gate.ledger.settle(ok.update.sender, ok.update.inc, ok.update.seq)
-            node.rejected.add(ok.update.sender, UpdateRejected(Reason.STALE, why))
+            node.rejected.add(ok.update.sender, Rejected(Reason.STALE, why))
         await self.publish_model()
         if again:
             log.info(

@@ -15,7 +15,7 @@ from ..params import is_finite, spec_of
 from ..signing import check_model
 from ..topics import ID_RE
 from ..transport import Message
-from ..wire import Reason, Status, UpdateRejected, decode_model, decode_status, model_params
+from ..wire import Reason, Rejected, Status, decode_model, decode_status, model_params
 
 if TYPE_CHECKING:
     from .node import Aggregator
@@ -47,7 +47,7 @@ class ReceivePath:
         rnd, children = node.round, node.children
         try:
             if not ID_RE.match(sender):
-                raise UpdateRejected(Reason.UNKNOWN_SENDER, "not an id")
+                raise Rejected(Reason.UNKNOWN_SENDER, "not an id")
             ok = node.gate.admit(
                 payload,
                 sender,
@@ -57,7 +57,7 @@ class ReceivePath:
                 measure=rnd.fold.measure,
                 absurd=rnd.fold.reject_bound(),
             )
-        except UpdateRejected as exc:
+        except Rejected as exc:
             node.rejected.add(sender, exc, known=sender in children)
             if node.gate.refused is not None:
                 log.debug(
@@ -76,7 +76,7 @@ class ReceivePath:
                 refused.update.inc,
                 refused.update.seq,
             )
-            node.rejected.add(sender, UpdateRejected(Reason.REPEAT, "a third in one round"))
+            node.rejected.add(sender, Rejected(Reason.REPEAT, "a third in one round"))
             if refused is ok:
                 return
         if node.journal is not None:
@@ -95,7 +95,7 @@ class ReceivePath:
         if payload:
             try:
                 status = decode_status(payload)
-            except UpdateRejected as exc:
+            except Rejected as exc:
                 log.debug("%s: bad status from %s: %s", node.id, child, exc)
                 return
             if status.id and status.id != child:
@@ -123,10 +123,10 @@ class ReceivePath:
             )
             params = model_params(model)
             if spec_of(params) != node.spec:
-                raise UpdateRejected(Reason.SHAPE, "parent model does not match the task")
+                raise Rejected(Reason.SHAPE, "parent model does not match the task")
             if not is_finite(params):
-                raise UpdateRejected(Reason.NONFINITE, "parent model is not finite")
-        except UpdateRejected as exc:
+                raise Rejected(Reason.NONFINITE, "parent model is not finite")
+        except Rejected as exc:
             node.rejected.add(node.parent or "parent", exc)
             return
         node.link.on_model(model)

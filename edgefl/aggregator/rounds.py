@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from ..params import Params
-from ..wire import UpdateRejected
+from ..wire import Rejected
 from .admission import Admitted
 from .fold import Contribution, FoldStats, RoundFold
 
@@ -102,7 +102,7 @@ class Round:
         for sender, ok in waiting.items():
             try:
                 self._add(sender, ok, weigh(ok), fresh=False)
-            except UpdateRejected as exc:
+            except Rejected as exc:
                 stale.append((ok, exc.detail))
         return stale
 

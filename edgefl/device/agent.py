@@ -28,7 +28,7 @@ from ..tasks.training import accepts_should_stop
 from ..telemetry import Telemetry, last_will
 from ..topics import Topics
 from ..transport import LOST, Message, Transport
-from ..wire import MetricValue, Model, Reason, Status, UpdateRejected, decode_model
+from ..wire import MetricValue, Model, Reason, Rejected, Status, decode_model
 from .policy import policy_of
 from .report import device_status, finite, profile_fields, status_key
 from .rounds import PROGRESS_KEY, Rounds
@@ -233,14 +233,14 @@ class DeviceAgent:
         try:
             model = decode_model(message.payload)
             if {t.name: tuple(t.shape) for t in model.tensors} != self.spec:
-                raise UpdateRejected(Reason.SHAPE, "model does not match the task's parameters")
+                raise Rejected(Reason.SHAPE, "model does not match the task's parameters")
             check_model(
                 model,
                 held=self.progress.model_version,
                 public=self.parent_key,
                 max_jump=s.max_version_jump,
             )
-        except UpdateRejected as exc:
+        except Rejected as exc:
             if not self.ignored[exc.reason.value]:
                 log.warning("device %s: ignoring a bad model: %s", self.id, exc)
             self.ignored[exc.reason.value] += 1

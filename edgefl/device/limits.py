@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..errors import EdgeflError
 from ..wire import TrainConfig
 
 
-class OverBudget(RuntimeError):
+class OverBudget(EdgeflError, RuntimeError):
     """Local training ran past ``max_train_s`` and was stopped; the round is skipped."""
 
 

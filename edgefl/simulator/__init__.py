@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import EdgeflError
+
 HOST_PORT = re.compile(r"^[^\s:]+:\d{1,5}$")
 BROKER_CHOICES = ("mosquitto", "embedded")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
 
 
-class SimulationError(RuntimeError):
+class SimulationError(EdgeflError, RuntimeError):
     """The simulation could not run (no broker, a worker died); one line for the user."""
 
 

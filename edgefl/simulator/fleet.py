@@ -25,7 +25,7 @@ from ..broker import BrokerError, RunningBroker, start_broker
 from ..config import AggregatorSettings, ConfigError, MqttSettings
 from ..topics import Topics
 from ..transport import Transport
-from ..wire import Model, UpdateRejected, decode_metrics, encode_model, model_tensors
+from ..wire import Model, Rejected, decode_metrics, encode_model, model_tensors
 from . import SimulationError
 from .devices import warm_up
 from .history import History, summarize
@@ -332,7 +332,7 @@ async def _watch_metrics(run: _Run, monitor: Transport, target_hit: asyncio.Even
     async for message in monitor.messages():
         try:
             doc = decode_metrics(message.payload)
-        except UpdateRejected:
+        except Rejected:
             continue
         row = run.history.feed(doc)
         if row is None:

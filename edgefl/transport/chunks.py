@@ -11,7 +11,7 @@ import hashlib
 import time
 from typing import Any
 
-from ..wire import DEFAULT_MAX_MESSAGE_BYTES, Reason, UpdateRejected, _pack, _unpack
+from ..wire import DEFAULT_MAX_MESSAGE_BYTES, Reason, Rejected, _pack, _unpack
 
 _CHUNK_MARK = b"\xa5chunk"  # msgpack fixstr "chunk": the first key of every chunk map
 _CHUNK_OVERHEAD = 200
@@ -108,13 +108,13 @@ class Reassembler:
             self._sets[key] = pending
         elif pending.total != chunk["total"] or pending.digest != chunk["sha256"]:
             self._drop(key)
-            raise UpdateRejected(Reason.MALFORMED, "chunk disagrees with its set")
+            raise Rejected(Reason.MALFORMED, "chunk disagrees with its set")
         index, part = chunk["index"], chunk["part"]
         if index in pending.parts:
             return None  # duplicate delivery (QoS 1 may redeliver)
         if pending.size + len(part) > self.max_payload_bytes:
             self._drop(key)
-            raise UpdateRejected(Reason.OVERSIZED, "chunked payload exceeds the limit")
+            raise Rejected(Reason.OVERSIZED, "chunked payload exceeds the limit")
         self._make_room(len(part), keep=key)
         pending.parts[index] = part
         pending.size += len(part)
@@ -124,7 +124,7 @@ class Reassembler:
         self._drop(key)
         whole = b"".join(pending.parts[i] for i in range(pending.total))
         if hashlib.sha256(whole).digest() != pending.digest:
-            raise UpdateRejected(Reason.MALFORMED, "chunked payload fails its sha256")
+            raise Rejected(Reason.MALFORMED, "chunked payload fails its sha256")
         return whole
 
     def expire(self) -> int:
@@ -142,7 +142,7 @@ class Reassembler:
             cid, index, total = obj["id"], obj["index"], obj["total"]
             digest, part = obj["sha256"], obj["part"]
         except KeyError as exc:
-            raise UpdateRejected(Reason.MALFORMED, f"chunk lacks {exc}") from None
+            raise Rejected(Reason.MALFORMED, f"chunk lacks {exc}") from None
         ok = (
             isinstance(cid, str)
             and 0 < len(cid) <= 64
@@ -154,7 +154,7 @@ class Reassembler:
             and isinstance(part, bytes)
         )
         if not ok:
-            raise UpdateRejected(Reason.MALFORMED, "bad chunk header")
+            raise Rejected(Reason.MALFORMED, "bad chunk header")
         return obj
 
     def _make_room(self, incoming: int, keep: tuple[str, str]) -> None:
@@ -164,7 +164,7 @@ class Reassembler:
         ):
             oldest = next(k for k in self._sets if k != keep) if len(self._sets) > 1 else None
             if oldest is None:
-                raise UpdateRejected(Reason.OVERSIZED, "chunked payload exceeds pending cap")
+                raise Rejected(Reason.OVERSIZED, "chunked payload exceeds pending cap")
             self._drop(oldest)
             self.evicted += 1
 

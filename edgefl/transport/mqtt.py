@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 
 from ..config import MqttSettings
 from ..supervise import all_completed, first_completed
-from ..wire import Reason, UpdateRejected
+from ..wire import Reason, Rejected
 from .base import Message, NotConnected, PublishTimeout, Will
 from .chunks import Reassembler, chunk_source, chunk_topic, is_chunk, split
 from .link import Link, OnConnect
@@ -209,7 +209,7 @@ class Transport(Link):
         if is_chunk(payload):
             try:
                 whole = self.reassembler.feed(chunk_source(topic), bytes(payload))
-            except UpdateRejected as exc:
+            except Rejected as exc:
                 self.rejected[exc.reason] += 1
                 log.debug("%s: chunk on %s rejected: %s", self.client_id, topic, exc)
                 return

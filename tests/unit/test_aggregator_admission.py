@@ -15,7 +15,7 @@ from edgefl.aggregator.admission import Rejections, UpdateGate, dequantized_fini
 from edgefl.fedavg import Scratch, staleness_weight
 from edgefl.params import l2_norm
 from edgefl.quant import dequantize_params, float_params, quantize_params
-from edgefl.wire import QTensor, Reason, Update, UpdateRejected, encode_update, sign
+from edgefl.wire import QTensor, Reason, Rejected, Update, encode_update, sign
 
 SPEC = {"w": (2, 3)}
 KEY = bytes(range(16))
@@ -39,7 +39,7 @@ def _norm(tensors: list[QTensor]) -> float:
 
 
 def _reason(gate: UpdateGate, payload: bytes, sender: str = "d1", version: int = 3) -> Reason:
-    with pytest.raises(UpdateRejected) as info:
+    with pytest.raises(Rejected) as info:
         gate.admit(payload, sender, version, measure=_norm)
     return info.value.reason
 
@@ -90,7 +90,7 @@ def test_every_reason_is_raised_by_its_own_check() -> None:
 def test_unknown_senders_by_allow_list_or_missing_status() -> None:
     payload = encode_update(_update())
     assert _reason(_gate(allowed=frozenset({"d9"})), payload) is Reason.UNKNOWN_SENDER
-    with pytest.raises(UpdateRejected):
+    with pytest.raises(Rejected):
         _gate().admit(payload, "d1", 3, known=lambda s: s == "d9")
     assert _gate().admit(payload, "d1", 3, known=lambda s: s == "d1").update.sender == "d1"
 
@@ -158,8 +158,8 @@ def test_rejection_logging_is_bounded_for_unknown_senders_and_summarized(
     rejections = Rejections("gw", clock=lambda: now[0])
     caplog.set_level("WARNING")
     for i in range(5000):
-        rejections.add(f"r{i}", UpdateRejected(Reason.MALFORMED, "x"), known=False)
-    rejections.add("d1", UpdateRejected(Reason.MALFORMED, "x"), known=True)
+        rejections.add(f"r{i}", Rejected(Reason.MALFORMED, "x"), known=False)
+    rejections.add("d1", Rejected(Reason.MALFORMED, "x"), known=True)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 21 and "'d1'" in lines[-1]
     now[0] = 61.0

@@ -15,7 +15,7 @@ from edgefl.signing import (
     sign_model,
     verify_model,
 )
-from edgefl.wire import Model, Reason, TrainConfig, UpdateRejected
+from edgefl.wire import Model, Reason, Rejected, TrainConfig
 
 
 def _model(**overrides: object) -> Model:
@@ -39,7 +39,7 @@ def keys() -> tuple[str, str]:
 
 
 def _reason(model: Model, public: str) -> Reason:
-    with pytest.raises(UpdateRejected) as info:
+    with pytest.raises(Rejected) as info:
         verify_model(model, load_public_key(public))
     return info.value.reason
 
@@ -114,7 +114,7 @@ def _check(model: Model, *, held: int | None, public: str | None, max_jump: int 
 
 
 def test_a_child_with_a_parent_key_refuses_unsigned_models(keys: tuple[str, str]) -> None:
-    with pytest.raises(UpdateRejected) as info:
+    with pytest.raises(Rejected) as info:
         _check(_model(), held=None, public=keys[1])
     assert info.value.reason is Reason.BAD_SIGNATURE
 
@@ -123,7 +123,7 @@ def test_a_version_below_the_one_held_is_refused_signed_or_not(keys: tuple[str, 
     private, public = keys
     signed = sign_model(_model(version=6), load_private_key(private))
     for model, key in ((signed, public), (_model(version=6), None)):
-        with pytest.raises(UpdateRejected) as info:
+        with pytest.raises(Rejected) as info:
             _check(model, held=7, public=key)
         assert info.value.reason is Reason.VERSION
         _check(model, held=6, public=key)  # the same version again is fine (a re-announce)
@@ -134,7 +134,7 @@ def test_an_unsigned_version_far_ahead_is_refused_but_a_verified_one_is_taken(
 ) -> None:
     private, public = keys
     far = _model(version=1007)
-    with pytest.raises(UpdateRejected) as info:
+    with pytest.raises(Rejected) as info:
         _check(far, held=7, public=None)
     assert info.value.reason is Reason.VERSION
     _check(_model(version=107), held=7, public=None)  # exactly max_jump ahead

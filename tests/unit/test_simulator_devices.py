@@ -120,9 +120,9 @@ def test_the_nan_encoder_sends_float32_nans_that_the_codec_rejects() -> None:
     assert enc.error_feedback is True
     tensors = enc.tensors({"w": np.ones((2, 3), np.float32)}, 0)
     update = Update(sender="d", seq=0, round=0, base=0, n=1, tensors=tensors)  # type: ignore[arg-type]
-    from edgefl.wire import UpdateRejected
+    from edgefl.wire import Rejected
 
-    with pytest.raises(UpdateRejected, match="nonfinite"):
+    with pytest.raises(Rejected, match="nonfinite"):
         decode_update(encode_update(update))
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefl.transport.chunks import Reassembler, chunk_source, chunk_topic, split
-from edgefl.wire import Reason, UpdateRejected
+from edgefl.wire import Reason, Rejected
 
 
 class FakeClock:
@@ -68,7 +68,7 @@ def test_a_corrupted_chunk_fails_the_digest() -> None:
     doc["part"] = bytes(len(doc["part"]))
     chunks[2] = msgpack.packb(doc, use_bin_type=True)
     r = Reassembler()
-    with pytest.raises(UpdateRejected) as info:
+    with pytest.raises(Rejected) as info:
         for c in chunks:
             r.feed("src", c)
     assert info.value.reason is Reason.MALFORMED

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefl import quant, wire
-from edgefl.wire import Reason, UpdateRejected
+from edgefl.wire import Reason, Rejected
 
 SPEC = {"w": (4, 3), "b": (3,)}
 
@@ -33,7 +33,7 @@ def _update(**overrides: object) -> wire.Update:
 
 
 def _reason(data: bytes, spec: dict[str, tuple[int, ...]] | None = SPEC, **kw: int) -> Reason:
-    with pytest.raises(UpdateRejected) as info:
+    with pytest.raises(Rejected) as info:
         wire.decode_update(data, spec, **kw)
     return info.value.reason
 
@@ -97,7 +97,7 @@ def test_nonfinite_float32_tensor_is_rejected() -> None:
 @settings(max_examples=300, deadline=None)
 def test_arbitrary_bytes_only_ever_raise_update_rejected(data: bytes) -> None:
     for decode in (lambda b: wire.decode_update(b, SPEC), wire.decode_model):
-        with contextlib.suppress(UpdateRejected):
+        with contextlib.suppress(Rejected):
             decode(data)
 
 
@@ -109,7 +109,7 @@ def test_arbitrary_bytes_only_ever_raise_update_rejected(data: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 def test_arbitrary_maps_only_ever_raise_update_rejected(doc: dict[str, object]) -> None:
     data = msgpack.packb({"v": 1, **doc}, use_bin_type=True)
-    with contextlib.suppress(UpdateRejected):
+    with contextlib.suppress(Rejected):
         wire.decode_update(data, SPEC)
 
 
@@ -123,10 +123,10 @@ def test_signature_round_trip_and_tampering() -> None:
         msgspec.structs.replace(decoded, sig=b"\x00" * 32),
         msgspec.structs.replace(decoded, sig=None),
     ):
-        with pytest.raises(UpdateRejected) as info:
+        with pytest.raises(Rejected) as info:
             wire.verify(bad, key)
         assert info.value.reason is Reason.BAD_SIGNATURE
-    with pytest.raises(UpdateRejected):
+    with pytest.raises(Rejected):
         wire.verify(decoded, b"other-key")
 
 
@@ -152,7 +152,7 @@ def _model_doc(tensors: list[dict[str, object]]) -> bytes:
 def test_a_model_tensor_shape_out_of_bounds_is_malformed(shape: list[int]) -> None:
     size = abs(math.prod(shape)) * 4
     data = _model_doc([{"name": "w", "shape": shape, "data": b"\0" * size}])
-    with pytest.raises(UpdateRejected) as info:
+    with pytest.raises(Rejected) as info:
         wire.decode_model(data)
     assert info.value.reason is Reason.MALFORMED
 
@@ -187,7 +187,7 @@ def test_a_model_decodes_to_usable_params_or_is_rejected(
     data = msgpack.packb({**doc, **extra}, use_bin_type=True)
     try:
         model = wire.decode_model(data)
-    except UpdateRejected:
+    except Rejected:
         return
     wire.model_params(model)  # the shapes it let through fit the data
 
@@ -199,5 +199,5 @@ def test_status_and_metrics_are_json_with_a_schema_version() -> None:
     assert wire.decode_status(raw) == status
     metrics = wire.decode_metrics(wire.encode_metrics("gateway", "gw-1", {"round": 3}))
     assert metrics["schema"] == 1 and metrics["role"] == "gateway" and metrics["round"] == 3
-    with pytest.raises(UpdateRejected):
+    with pytest.raises(Rejected):
         wire.decode_status(b"{not json")
