@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 
 from .topics import Topics
-from .transport import NotConnected, PublishTimeout, Transport, Will
+from .transport import AnyTransport, NotConnected, PublishTimeout, Will
 from .wire import MetricValue, Status, encode_metrics, encode_status
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ class Telemetry:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: AnyTransport,
         topics: Topics,
         *,
         role: str,

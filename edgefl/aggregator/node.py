@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from ..supervise import first_completed
 from ..tasks import Task, load_task, set_torch_threads
 from ..telemetry import Telemetry, last_will
 from ..topics import Topics
-from ..transport import LOST, Transport
+from ..transport import LOST, Transport, TransportFactory
 from ..wire import (
     MetricValue,
     Status,
@@ -57,7 +58,9 @@ class Aggregator:
     ``task.init_params(settings.seed)``. ``clock`` gives wall-clock seconds
     (deadlines travel in Models as unix times). ``reader`` (anything with
     ``read() -> profiles.Reading``, default ``profiles.OsReader``) fills the
-    battery, link and uplink of a gateway's Status.
+    battery, link and uplink of a gateway's Status. ``transport`` is a
+    ``TransportFactory`` (default: MQTT on ``settings.mqtt``;
+    ``MemoryBroker().factory()`` for the in-memory bus).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class Aggregator:
         *,
         clock: Callable[[], float] = time.time,
         reader: Any = None,
+        transport: TransportFactory | None = None,
     ) -> None:
         if settings.tier == "cloud" and settings.parent is not None:
             raise ConfigError("the cloud tier has no parent; use tier 'gateway' for a middle tier")
@@ -96,12 +100,13 @@ class Aggregator:
         self.state_dir = Path(settings.state_dir) / self.id
         self.store: CheckpointStore | None = None
         self._payload_limit = max(settings.max_update_bytes, 4 * nparams + (1 << 20))
-        self.transport = Transport(
-            settings.mqtt,
+        self.receive = ReceivePath(self)
+        make = transport or functools.partial(Transport, settings.mqtt)
+        self.transport = make(
             f"edgefl-{self.tier}-{self.id}",
             will=last_will(self.topics, self.parent, self.id, self.tier) if self.parent else None,
             on_connect=self._on_connect,
-            on_message=lambda m: self.receive.dispatch(m),  # runs as each message is read
+            on_message=self.receive.dispatch,  # the receive path runs as each message is read
             max_payload_bytes=self._payload_limit,
             # Updates sent while the node restarts wait at the broker, not in the void.
             persistent=True,
@@ -127,7 +132,6 @@ class Aggregator:
             metrics=settings.metrics,
         )
         self.last_metrics: dict[str, MetricValue] = {}
-        self.receive = ReceivePath(self)
         self.driver = Driver(self)
         self._parent_model: tuple[int, Params] | None = None
         self._model_key = load_private_key(settings.model_key) if settings.model_key else None

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..outbox import Outbox
 from ..topics import Topics
-from ..transport import NotConnected, PublishTimeout, Transport
+from ..transport import AnyTransport, NotConnected, PublishTimeout
 from ..wire import Model, encode_update, sign
 from .uplink import Uplink, Verdict
 
@@ -38,7 +38,7 @@ class ParentLink:
         node: str,
         parent: str,
         topics: Topics,
-        transport: Transport,
+        transport: AnyTransport,
         uplink: Uplink,
         hmac_key: bytes | None = None,
         dtype: Literal["u8", "f32"] = "u8",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -27,7 +28,7 @@ from ..tasks import DeviceData, Task, load_task, set_torch_threads
 from ..tasks.training import accepts_should_stop
 from ..telemetry import Telemetry, last_will
 from ..topics import Topics
-from ..transport import LOST, Message, Transport
+from ..transport import LOST, AnyTransport, Message, Transport, TransportFactory
 from ..wire import MetricValue, Model, Reason, Rejected, Status, decode_model
 from .policy import policy_of
 from .report import device_status, finite, profile_fields, status_key
@@ -65,6 +66,8 @@ class DeviceAgent:
     - ``online``: while it returns False the agent holds no MQTT session (a lost link:
       nothing is published, updates wait in the outbox); it reconnects when True again.
     - ``delay``: seconds to wait before sending an entry of ``n`` bytes (a simulated uplink).
+    - ``transport``: a ``TransportFactory`` (default: MQTT on ``settings.mqtt``);
+      ``MemoryBroker().factory()`` runs the agent on the in-memory bus.
     """
 
     def __init__(
@@ -77,8 +80,10 @@ class DeviceAgent:
         online: Callable[[], bool] | None = None,
         delay: Callable[[int], float] | None = None,
         data: DeviceData | None = None,
+        transport: TransportFactory | None = None,
     ) -> None:
         self.settings = settings
+        self._transport = transport
         self.id = settings.id
         self.topics = Topics(settings.mqtt.prefix)
         self.model_topic = self.topics.model(settings.gateway)
@@ -110,7 +115,7 @@ class DeviceAgent:
         self.outbox: Outbox | None = None
         window = min(settings.mqtt.max_inflight, 8)
         self.uploader = Uploader(window=window, estimator=self.uplink, delay=delay)
-        self.transport: Transport | None = None
+        self.transport: AnyTransport | None = None
         self.telemetry: Telemetry | None = None
         self.progress = Progress()
         self.rounds_trained = 0
@@ -190,7 +195,8 @@ class DeviceAgent:
     async def _session(self) -> None:
         s = self.settings
         will = last_will(self.topics, s.gateway, self.id, "device")
-        transport = Transport(s.mqtt, self.id, will=will, on_connect=self._on_connect)
+        make = self._transport or functools.partial(Transport, s.mqtt)
+        transport = make(self.id, will=will, on_connect=self._on_connect)
         for topic in self.topics.model_filters(s.gateway):
             await transport.subscribe(topic)
         telemetry = Telemetry(

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ..outbox import DiskFull, Entry, Outbox
 from ..profiles import UplinkEstimator
-from ..transport import LOST, Transport
+from ..transport import LOST, AnyTransport
 from ..wire import Model, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Uploader:
         """A new MQTT session: what the last one delivered may be lost, so send it again."""
         self._fresh_session = True
 
-    async def flush(self, outbox: Outbox, transport: Transport | None) -> tuple[int, float]:
+    async def flush(self, outbox: Outbox, transport: AnyTransport | None) -> tuple[int, float]:
         """Publish what is due, a window in flight: ``(entries acknowledged, ms)``.
 
         A publish that fails or times out is counted on its entry and does not hold
@@ -96,7 +96,7 @@ class Uploader:
         if self._receipt == receipt:
             self._receipt = None
 
-    async def _drain(self, outbox: Outbox, transport: Transport) -> int:
+    async def _drain(self, outbox: Outbox, transport: AnyTransport) -> int:
         sent, after, exhausted = 0, 0, False
         queue: list[Entry] = []
         running: set[asyncio.Task[bool]] = set()
@@ -126,7 +126,7 @@ class Uploader:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def _send(self, outbox: Outbox, transport: Transport, entry: Entry) -> bool:
+    async def _send(self, outbox: Outbox, transport: AnyTransport, entry: Entry) -> bool:
         start = time.perf_counter()
         try:
             if self._delay is not None:

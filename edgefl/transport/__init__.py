@@ -16,6 +16,7 @@ from .base import (
     PublishTimeout,
     TransportClosed,
     TransportError,
+    TransportFactory,
     Will,
 )
 from .chunks import Reassembler, chunk_source, chunk_topic, is_chunk, split
@@ -37,6 +38,7 @@ __all__ = [
     "Transport",
     "TransportClosed",
     "TransportError",
+    "TransportFactory",
     "Will",
     "chunk_source",
     "chunk_topic",

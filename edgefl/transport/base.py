@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import EdgeflError
 from ..wire import Reason
@@ -98,3 +98,22 @@ class AnyTransport(Protocol):
     async def __aenter__(self) -> AnyTransport: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
+
+
+class TransportFactory(Protocol):
+    """How a shell gets its session: ``factory(client_id, will=..., ...)``.
+
+    The default is ``mqtt.Transport`` on the role's ``[mqtt]`` settings;
+    ``MemoryBroker.factory()`` gives in-memory sessions for unit tests.
+    """
+
+    def __call__(
+        self,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        on_connect: Any = None,
+        on_message: Callable[[Message], None] | None = None,
+        persistent: bool = False,
+        max_payload_bytes: int = ...,
+    ) -> AnyTransport: ...

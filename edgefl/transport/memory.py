@@ -14,11 +14,12 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from paho.mqtt.client import topic_matches_sub
 
 from ..supervise import wait_event
-from .base import Message, NotConnected, PublishTimeout, Will
+from .base import AnyTransport, Message, NotConnected, PublishTimeout, TransportFactory, Will
 from .link import Link, OnConnect
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,14 @@ class MemoryBroker:
 
     def start(self) -> None:
         self.online = True
+
+    def factory(self) -> TransportFactory:
+        """A transport factory for the shells (``Aggregator``, ``DeviceAgent``) on this bus."""
+
+        def make(client_id: str, *, max_payload_bytes: int = 0, **options: Any) -> AnyTransport:
+            return MemoryTransport(self, client_id, **options)
+
+        return make
 
     # ------------------------------------------------ used by MemoryTransport
     def _connect(self, client: MemoryTransport) -> _Session:
