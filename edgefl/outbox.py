@@ -209,6 +209,11 @@ class Outbox:
 
     # ------------------------------------------------------- seq and state
 
+    def lowest_seq(self, sender: str) -> int | None:
+        """The lowest seq of ``sender``'s entries still here (None: there are none)."""
+        rows = self._read("SELECT MIN(seq) FROM entries WHERE sender = ?", (sender,))
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
     def next_seq(self, sender: str) -> int:
         """``sender``'s next sequence number (0, 1, 2, ...), committed before it returns."""
         return self._write(lambda db: self._take_seq(db, sender))

@@ -90,6 +90,9 @@ class Update(msgspec.Struct, forbid_unknown_fields=True):
     #: the sender's incarnation: a random id drawn when its outbox is created, so that a
     #: device whose storage was reset (seq from 0 again) is told apart from a replay.
     inc: Ordinal = 0
+    #: the lowest seq its sender still keeps: every lower one is settled or given up,
+    #: so its node's receipt may pass them (and must not pass a gap above it).
+    low: Ordinal = 0
 
 
 class FTensor(_Strict):
@@ -233,9 +236,19 @@ def decode_update(
     return update
 
 
+#: Most values a tensor's shape may span, zero dimensions aside (numpy refuses more).
+MAX_ELEMENTS = 1 << 40
+
+
+def _shape_ok(shape: list[int]) -> bool:
+    return math.prod(max(d, 1) for d in shape) <= MAX_ELEMENTS
+
+
 def check_tensors(update: Update, spec: Spec | None) -> None:
     """Sizes, finiteness of ``lo``/``scale``, and names/shapes against ``spec``."""
     for t in update.tensors:
+        if not _shape_ok(t.shape):
+            raise Rejected(Reason.SHAPE, f"{t.name}: shape {t.shape[:8]} is too large")
         count = math.prod(t.shape)
         width = 1 if t.dtype == "u8" else 4
         if len(t.q) != count * width:
@@ -276,7 +289,7 @@ def decode_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
         raise Rejected(Reason.MALFORMED, f"not a Model: {type(exc).__name__}") from None
     for t in model.tensors:
         width = 4 if t.dtype == "f32" else 2
-        if len(t.data) != math.prod(t.shape) * width:
+        if not _shape_ok(t.shape) or len(t.data) != math.prod(t.shape) * width:
             raise Rejected(Reason.SHAPE, f"{t.name}: {len(t.data)} bytes for {t.shape}")
     return model
 

@@ -152,6 +152,7 @@ class UpdateGate:
         bound: Callable[[str], int] = lambda _: MAX_COUNTER,
         measure: Callable[[Sequence[QTensor]], float] | None = None,
         absurd: float = math.inf,
+        settles_stale: Callable[[str], bool] = lambda _: True,
     ) -> Admitted:
         """Check one update received on ``.../update/{topic_sender}`` at model ``version``.
 
@@ -166,21 +167,28 @@ class UpdateGate:
         if not (sender in self.allowed if self.allowed is not None else known(sender)):
             raise Rejected(Reason.UNKNOWN_SENDER, f"{sender!r} is not a known child")
         self._check_signature(update)
+        self.ledger.note_low(sender, update.inc, min(update.low, update.seq))
         if self.ledger.seen(sender, update.inc, update.seq):
             raise Rejected(Reason.DUPLICATE, f"seq {update.seq} (inc {update.inc}) again")
         staleness = version - update.base
         if not 0 <= staleness <= self.max_staleness:
-            # Not settled: a receipt means "folded, or broken for good", and a gateway
-            # tells its stale sync from a folded one by that (its work goes in the next).
+            # Settled for a device, which may then forget it; not for a node's sync: a
+            # gateway tells a folded sync from a stale one by its receipt, and merges a
+            # stale one's work into its next sync, whose ``low`` passes this seq.
+            if settles_stale(sender):
+                self.ledger.settle(sender, update.inc, update.seq)
+            self.refused = (sender, update.inc, update.seq)
             raise Rejected(
                 Reason.STALE, f"base {update.base} at version {version} (max {self.max_staleness})"
             )
         try:
             norm = self._check_content(update, measure, absurd)
-        except Rejected:
-            # Refused for good, from its (authenticated) sender: settled, so that its
-            # receipt lets the child forget it instead of resending it for ever.
-            self.ledger.settle(sender, update.inc, update.seq)
+        except Rejected as exc:
+            # Broken for good, from its (authenticated) sender: settled, so that its
+            # receipt lets the child forget it instead of resending it for ever. Not a
+            # norm refusal: a gateway's sync refused so must not pass for folded.
+            if exc.reason is not Reason.NORM:
+                self.ledger.settle(sender, update.inc, update.seq)
             self.refused = (sender, update.inc, update.seq)
             raise
         self.ledger.take(sender, update.inc, update.seq)

@@ -118,7 +118,7 @@ class Driver:
             rnd.opened_at = now
         rnd.reannounced += again
         rnd.announced = True
-        for ok, why in rnd.open_waiting(lambda ok: node.gate.weight(ok, rnd.version)):
+        for ok, why in rnd.open_waiting(lambda ok: node.gate.weight(ok, node.version)):
             node.gate.ledger.settle(ok.update.sender, ok.update.inc, ok.update.seq)
             node.rejected.add(ok.update.sender, Rejected(Reason.STALE, why))
         await self.publish_model()

@@ -21,7 +21,8 @@ class _Seen:
     inc: int
     floor: int = -1  # every seq at or below it is settled
     top: set[int] = field(default_factory=set)  # settled seqs above the floor
-    last: int = -1  # the last seq settled, in order: the receipt
+    last: int = -1  # the last seq settled, in order
+    low: int = 0  # the sender's lowest kept seq: below it, nothing is waited for
 
     def has(self, seq: int) -> bool:
         return seq <= self.floor or seq in self.top
@@ -55,6 +56,13 @@ class Ledger:
         entry = self._settled.get(sender)
         return entry is not None and entry.inc == inc and entry.has(seq)
 
+    def note_low(self, sender: str, inc: int, low: int) -> None:
+        """The sender says it keeps nothing below ``low`` (dropped or receipted)."""
+        entry = self._settled.get(sender)
+        if entry is None or entry.inc != inc:
+            entry = self._settled[sender] = _Seen(inc)
+        entry.low = max(entry.low, low)
+
     def take(self, sender: str, inc: int, seq: int) -> None:
         self._taken.setdefault(sender, set()).add((inc, seq))
 
@@ -76,19 +84,16 @@ class Ledger:
     def receipt(self, sender: str) -> tuple[int, int] | None:
         """``(inc, seq)``: the child may forget its updates up to ``seq``.
 
-        The highest settled seq that is neither above the last one settled (a forged
-        huge seq is overtaken by the sender's next real one) nor above any update
-        still taken but unsettled (one carried to the next round, say)."""
+        The end of the unbroken run of settled seqs from the sender's ``low``: a gap
+        (an update lost on the way, or still open in a round) stops it, and so does a
+        forged huge seq, which no run reaches."""
         entry = self._settled.get(sender)
         if entry is None or entry.last < 0:
             return None
-        limit = entry.last
-        pending = [seq for inc, seq in self._taken.get(sender, ()) if inc == entry.inc]
-        if pending:
-            limit = min(limit, min(pending) - 1)
-        below = [seq for seq in entry.top if seq <= limit]
-        best = max(below) if below else (entry.floor if entry.floor <= limit else -1)
-        return (entry.inc, best) if best >= 0 else None
+        seq = max(entry.floor, entry.low - 1)
+        while seq + 1 in entry.top:
+            seq += 1
+        return (entry.inc, seq) if seq >= 0 else None
 
     def receipts(self, senders: Any = None) -> dict[str, tuple[int, int]]:
         """``{sender: (inc, last seq settled)}`` for ``senders`` (default: all)."""
@@ -105,7 +110,7 @@ class Ledger:
 
     # ---------------------------------------------------------- checkpointing
     def to_state(self) -> dict[str, Any]:
-        return {s: [e.inc, e.floor, sorted(e.top), e.last] for s, e in self._settled.items()}
+        return {s: [e.inc, e.floor, sorted(e.top), e.last, e.low] for s, e in self._settled.items()}
 
     @classmethod
     def from_state(
@@ -117,8 +122,10 @@ class Ledger:
         """From a checkpoint; one without a ledger had only each sender's last seq."""
         ledger = cls(max_senders)
         if state:
-            for s, (inc, floor, top, last) in state.items():
-                ledger._settled[str(s)] = _Seen(int(inc), int(floor), set(map(int, top)), int(last))
+            for s, (inc, floor, top, last, *low) in state.items():
+                seen = _Seen(int(inc), int(floor), set(map(int, top)), int(last))
+                seen.low = int(low[0]) if low else 0
+                ledger._settled[str(s)] = seen
         else:
             for s, seq in (last_seq or {}).items():
                 ledger._settled[str(s)] = _Seen(0, int(seq), set(), int(seq))

@@ -56,6 +56,7 @@ class ReceivePath:
                 bound=children.bound,
                 measure=rnd.fold.measure,
                 absurd=rnd.fold.reject_bound(),
+                settles_stale=children.is_device,
             )
         except Rejected as exc:
             node.rejected.add(sender, exc, known=sender in children)
@@ -66,7 +67,9 @@ class ReceivePath:
                 node.gate.refused = None
             return
         update = ok.update
-        refused = rnd.admit(sender, ok, node.gate.weight(ok, rnd.version))
+        # Weighed against the node's version, which admission checked: after an adoption
+        # mid-round it is ahead of the round's, and so are the children's bases.
+        refused = rnd.admit(sender, ok, node.gate.weight(ok, node.version))
         if refused is not None:  # one update per sender per round, one more carried
             node.gate.ledger.settle(sender, refused.update.inc, refused.update.seq)
             log.debug(

@@ -98,6 +98,11 @@ class Children:
             if child not in self.status and self._room(child):
                 self.status[child] = None
 
+    def is_device(self, child: str) -> bool:
+        """Whether ``child`` is a device (not a gateway, by its Status; unknown: a device)."""
+        status = self.status.get(child)
+        return status is None or status.role == "device"
+
     def bound(self, child: str) -> int:
         """The most samples ``child``'s update may weigh: what it declared first, at most
         ``max_samples`` and ``sample_ratio`` times the median of what the children declared

@@ -92,6 +92,7 @@ class Uplink:
             n=max(1, self.samples_since_sync),
             tensors=tensors,
             inc=self.inc,
+            low=seq,  # one sync in flight: every earlier one is settled or merged into this
         )
 
     def sent(self, update: Update, payload: bytes) -> None:

@@ -263,6 +263,9 @@ class Rounds:
                 n=result.n,
                 metrics=metrics,
                 inc=box.incarnation,
+                # Nothing below the oldest entry kept is waited for (receipted, or
+                # dropped by the caps): the node's receipt may pass those gaps.
+                low=_lowest(box.lowest_seq(agent.id), seq),
             )
             made["encode_ms"] = (time.perf_counter() - start) * 1000.0
             made["size"] = len(payload)
@@ -288,3 +291,8 @@ class Rounds:
             )
             return None
         return seq, int(made["size"]), made["encode_ms"]
+
+
+def _lowest(kept: int | None, seq: int) -> int:
+    """The lowest seq the device keeps once ``seq`` is stored."""
+    return seq if kept is None else min(kept, seq)

@@ -88,6 +88,7 @@ class UpdateEncoder:
         n: int,
         metrics: Mapping[str, float],
         inc: int = 0,
+        low: int = 0,
     ) -> bytes:
         """The signed Update bytes; ``inc`` is the outbox's incarnation, by which a node
         tells this device's seqs from those of an earlier (lost) outbox."""
@@ -100,6 +101,7 @@ class UpdateEncoder:
             metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
             tensors=tensors,
             inc=inc,
+            low=low,
         )
         return encode_update(sign(update, self.key) if self.key else update)
 

@@ -69,11 +69,13 @@ def test_every_reason_is_raised_by_its_own_check() -> None:
     gate.ledger.settle("d1", 0, 0)  # its round closed
     assert _reason(gate, encode_update(_update(seq=1, base=0))) is Reason.STALE
     assert _reason(gate, encode_update(_update(seq=2, base=4))) is Reason.STALE  # unknown base
-    # A stale update is not settled: a receipt says "folded or broken", never "stale".
-    assert gate.ledger.receipt("d1") == (0, 0)
-    bad = msgspec.structs.replace(_update(seq=2), tensors=float_params({"w": np.zeros(6)}))
-    assert _reason(gate, encode_update(bad)) is Reason.SHAPE
-    assert gate.ledger.receipt("d1") == (0, 2)  # broken for good: settled
+    # A device's stale update is settled: its receipt lets it forget it.
+    assert gate.ledger.receipt("d1") == (0, 2)
+    with pytest.raises(Rejected):  # a node's stale sync is not: its receipt decides
+        gate.admit(
+            encode_update(_update("gw", seq=0, base=0)), "gw", 3, settles_stale=lambda _: False
+        )
+    assert gate.ledger.receipt("gw") is None
     assert _reason(gate, encode_update(_update(seq=2, base=3))) is Reason.DUPLICATE
     forged = sign(_update("signed"), b"wrong key")
     assert _reason(gate, encode_update(forged), sender="signed") is Reason.BAD_SIGNATURE
@@ -169,3 +171,22 @@ def test_rejection_logging_is_bounded_for_unknown_senders_and_summarized(
         in caplog.records[-1].getMessage()
     )
     assert rejections.counts[Reason.MALFORMED] == 5001
+
+
+def test_a_receipt_stops_at_a_lost_update_until_the_sender_gives_it_up() -> None:
+    from edgefl.aggregator.ledger import Ledger
+
+    ledger = Ledger()
+    for seq in (0, 1, 3):  # 2 was lost on the way (a broker restarted without persistence)
+        ledger.settle("d1", 7, seq)
+    assert ledger.receipt("d1") == (7, 1)  # the device keeps 2 and resends it
+    ledger.settle("d1", 7, 2)
+    assert ledger.receipt("d1") == (7, 3)
+    ledger.settle("d1", 7, 6)  # 4 and 5 dropped by the device's own caps ...
+    assert ledger.receipt("d1") == (7, 3)
+    ledger.note_low("d1", 7, 6)  # ... which it says: it keeps nothing below 6
+    assert ledger.receipt("d1") == (7, 6)
+    ledger.settle("d1", 7, 2**53)  # a forged huge seq: no run of seqs reaches it
+    assert ledger.receipt("d1") == (7, 6)
+    back = Ledger.from_state(ledger.to_state())
+    assert back.receipt("d1") == (7, 6)
