@@ -27,14 +27,6 @@ def _report(run: Run) -> str:
 
 
 @pytest.mark.timeout(TIMEOUT_S)
-@pytest.mark.xfail(
-    strict=True,
-    reason="updates dropped unaccounted, each then forgotten by its device on a later seq's "
-    "receipt: a stale one is rejected with no (sender, inc, seq) record and not settled; one "
-    "based on the node's version but not its open round's raises from gate.weight outside "
-    "receive.on_update's handler; one the broker acked but dropped (restart without "
-    "persistence, its gateway not yet subscribed) is covered by the next seq's receipt",
-)
 async def test_random_faults_lose_and_double_count_no_update_and_the_cloud_recovers(
     tmp_path: Path,
 ) -> None:
