@@ -12,15 +12,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Highest seqs remembered exactly per sender; below them a floor says "seen".
-WINDOW = 16
+#: Settled seqs remembered exactly above a sender's floor (above a gap, since the run
+#: from the floor is absorbed into it at once); past this, the lowest are given up.
+WINDOW = 256
 
 
 @dataclass
 class _Seen:
     inc: int
     floor: int = -1  # every seq at or below it is settled
-    top: set[int] = field(default_factory=set)  # settled seqs above the floor
+    top: set[int] = field(default_factory=set)  # settled seqs above the floor, past a gap
     last: int = -1  # the last seq settled, in order
     low: int = 0  # the sender's lowest kept seq: below it, nothing is waited for
 
@@ -28,14 +29,30 @@ class _Seen:
         return seq <= self.floor or seq in self.top
 
     def add(self, seq: int) -> None:
-        self.top.add(seq)
         self.last = seq
+        if seq <= self.floor:
+            return
+        self.top.add(seq)
+        self._absorb()
         while len(self.top) > WINDOW:
-            # Forget the *lowest* exactly: a forged huge seq then takes one slot of the
-            # window, never the floor, so the real sender's next seqs still land.
-            low = min(self.top)
-            self.top.discard(low)
-            self.floor = max(self.floor, low)
+            # Give up the *lowest* gap: a forged huge seq takes one slot of the window
+            # and never moves the floor, so the real sender's next seqs still land.
+            self.floor = max(self.floor, min(self.top))
+            self.top.discard(self.floor)
+            self._absorb()
+
+    def _absorb(self) -> None:
+        while self.floor + 1 in self.top:
+            self.floor += 1
+            self.top.discard(self.floor)
+
+    def receipt(self) -> int:
+        """The end of the run of settled seqs from ``low`` (``low`` only moves the
+        receipt, never the floor: a forged one cannot make real seqs duplicates)."""
+        seq = max(self.floor, self.low - 1)
+        while seq + 1 in self.top:
+            seq += 1
+        return seq
 
 
 class Ledger:
@@ -90,9 +107,7 @@ class Ledger:
         entry = self._settled.get(sender)
         if entry is None or entry.last < 0:
             return None
-        seq = max(entry.floor, entry.low - 1)
-        while seq + 1 in entry.top:
-            seq += 1
+        seq = entry.receipt()
         return (entry.inc, seq) if seq >= 0 else None
 
     def receipts(self, senders: Any = None) -> dict[str, tuple[int, int]]:

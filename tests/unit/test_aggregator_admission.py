@@ -190,3 +190,16 @@ def test_a_receipt_stops_at_a_lost_update_until_the_sender_gives_it_up() -> None
     assert ledger.receipt("d1") == (7, 6)
     back = Ledger.from_state(ledger.to_state())
     assert back.receipt("d1") == (7, 6)
+
+
+def test_a_lost_update_holds_the_receipt_while_many_later_ones_settle() -> None:
+    from edgefl.aggregator.ledger import Ledger
+
+    ledger = Ledger()
+    for seq in range(71):
+        ledger.settle("d7", 1, seq)
+    for seq in range(72, 172):  # seq 71 was acknowledged by a broker that then restarted
+        ledger.settle("d7", 1, seq)
+    assert ledger.receipt("d7") == (1, 70) and not ledger.seen("d7", 1, 71)
+    ledger.settle("d7", 1, 71)  # resent by the device, folded
+    assert ledger.receipt("d7") == (1, 171)
