@@ -31,6 +31,9 @@ from edgefl.tasks import DeviceData, TrainResult
 from edgefl.topics import Topics
 from edgefl.transport import Transport
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_device import serving
+
 pytestmark = pytest.mark.integration
 
 GW = "gw-d"
@@ -121,18 +124,6 @@ def settings(url: str, state_dir: Path) -> DeviceSettings:
         state_dir=state_dir,
         heartbeat_s=0.5,
     )
-
-
-@contextlib.asynccontextmanager
-async def serving(device: DeviceAgent) -> AsyncIterator[DeviceAgent]:
-    async with device:
-        runner = asyncio.ensure_future(device.run())
-        try:
-            yield device
-        finally:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
 
 
 async def until(predicate: Callable[[], bool], timeout: float) -> None:
