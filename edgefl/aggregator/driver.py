@@ -119,8 +119,13 @@ class Driver:
         rnd.reannounced += again
         rnd.announced = True
         for ok, why in rnd.open_waiting(lambda ok: node.gate.weight(ok, node.version)):
-            node.gate.ledger.settle(ok.update.sender, ok.update.inc, ok.update.seq)
-            node.rejected.add(ok.update.sender, Rejected(Reason.STALE, why))
+            sender, inc, seq = ok.update.sender, ok.update.inc, ok.update.seq
+            # The rule admission applies to a stale update: settled for a device only; a
+            # gateway's stale sync must not pass for folded.
+            if node.children.is_device(sender):
+                node.gate.ledger.settle(sender, inc, seq)
+            log.debug("%s: refused %s:%d:%d (stale)", node.id, sender, inc, seq)
+            node.rejected.add(sender, Rejected(Reason.STALE, why))
         await self.publish_model()
         if again:
             log.info(

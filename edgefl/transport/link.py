@@ -7,6 +7,7 @@ and logs whatever ends one. It never talks to a broker itself.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -59,7 +60,7 @@ class Inbox:
             await self._wake.wait()
 
 
-class Link:
+class Link(abc.ABC):
     """One client's session with a broker, kept alive by a task this object owns."""
 
     #: exceptions that mean "the broker cannot be reached" (logged once per outage);
@@ -151,13 +152,13 @@ class Link:
             raise TransportClosed(f"{self.client_id}: transport closed")
 
     # ------------------------------------------------------- connection loop
+    @abc.abstractmethod
     def _connection(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Connect and subscribe; the context is one connection's life."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def _until_lost(self) -> None:
         """Return (or raise) when the current connection ends."""
-        raise NotImplementedError
 
     async def _run(self) -> None:
         delay = self.reconnect_min_s
