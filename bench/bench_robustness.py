@@ -31,7 +31,7 @@ from edgefl.aggregator.admission import UpdateGate
 from edgefl.aggregator.fold import RoundFold
 from edgefl.aggregator.rounds import Round, apply_delta
 from edgefl.aggregator.selection import Children
-from edgefl.aggregator.uplink import Uplink
+from edgefl.aggregator.sync import ParentSync
 from edgefl.config import AggregatorSettings
 from edgefl.params import Params, is_finite, subtract
 from edgefl.quant import ErrorFeedback
@@ -161,7 +161,7 @@ def run(
     spec = task.spec()
     cloud = Node(_settings("cloud", "cloud", column), spec, init)
     gws = {g: Node(_settings("gateway", f"g{g}", column), spec, init) for g in range(GATEWAYS)}
-    uplinks = {g: Uplink(reference=dict(init), parent_version=0) for g in gws}
+    syncs = {g: ParentSync(reference=dict(init), parent_version=0) for g in gws}
     data = {d: task.device_data(i, DEVICES) for i, d in enumerate(devices)}
     feedback = {d: ErrorFeedback() for d in devices}
     seqs = dict.fromkeys(devices, 0)
@@ -176,7 +176,7 @@ def run(
     nan = False
     for r in range(rounds):
         for g, node in gws.items():
-            local = uplinks[g].adopt(cloud.params, node.params, cloud.version)
+            local = syncs[g].adopt(cloud.params, node.params, cloud.version)
             node.params = local
             for i, d in enumerate(devices):
                 if i % GATEWAYS != g:
@@ -195,7 +195,7 @@ def run(
                     seqs[d] += 1
                     node.receive(d, _bomb(payload) if kind_d == "nan_overflow" else payload)
             samples = node.close()
-            up = uplinks[g]
+            up = syncs[g]
             up.after_round(samples)
             if not up.due(1):
                 continue
@@ -204,7 +204,7 @@ def run(
             up.sent(sync, payload)
             cloud.receive(f"g{g}", payload)
         cloud.close()
-        for g, up in uplinks.items():  # the cloud's next Model receipts what it folded
+        for g, up in syncs.items():  # the cloud's next Model receipts what it folded
             up.on_parent(cloud.version, r, cloud.gate.ledger.receipt(f"g{g}"))
         nan = nan or not is_finite(cloud.params)
         history.append(float(task.evaluate(cloud.params)["accuracy"]))

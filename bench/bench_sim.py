@@ -46,7 +46,7 @@ MB_PER_DEVICE_TARGET = 2.0
 
 def sequential_loop(name: str) -> dict[str, Any]:
     """The default scenario's training, device after device, in this process: no MQTT."""
-    from edgefl.aggregator.uplink import Uplink
+    from edgefl.aggregator.sync import ParentSync
     from edgefl.fedavg import StreamingAverage
     from edgefl.params import add
     from edgefl.quant import ErrorFeedback
@@ -71,14 +71,14 @@ def sequential_loop(name: str) -> dict[str, Any]:
     gateway = s.gateway_settings(0, [], broker="127.0.0.1:1", state_dir=state)
     cfg = TrainConfig(**{**gateway.train.model_dump(), "deadline_s": 1.0})
     params = task.init_params(s.seed)
-    uplinks = {g: Uplink(reference=dict(params), parent_version=0) for g in s.gateway_ids()}
+    syncs = {g: ParentSync(reference=dict(params), parent_version=0) for g in s.gateway_ids()}
     models = {g: params for g in s.gateway_ids()}
     history = []
     for cloud_round in range(s.rounds):
         cloud = StreamingAverage()
         for gid in s.gateway_ids():
-            uplink = uplinks[gid]
-            local = uplink.adopt(params, models[gid], cloud_round)
+            sync = syncs[gid]
+            local = sync.adopt(params, models[gid], cloud_round)
             for k in range(gateway.sync_every):
                 number = cloud_round * gateway.sync_every + k
                 average = StreamingAverage()
@@ -88,11 +88,11 @@ def sequential_loop(name: str) -> dict[str, Any]:
                     seed_r = (seed * 1_000_003 + number) % 2**31
                     result = task.train(local, data, cfg, seed=seed_r)
                     average.add_quantized(feedback.quantize(result.delta), result.n)
-                    uplink.samples_since_sync += result.n
+                    sync.samples_since_sync += result.n
                 local = add(local, average.result())
-                uplink.rounds_since_sync += 1
-            update = uplink.build(local, sender=gid, seq=cloud_round, round=number)
-            uplink.sent(local)
+                sync.rounds_since_sync += 1
+            update = sync.build(local, sender=gid, seq=cloud_round, round=number)
+            sync.sent(local)
             models[gid] = local
             cloud.add_quantized(update.tensors, update.n)
         params = add(params, cloud.result())

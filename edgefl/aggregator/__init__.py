@@ -1,7 +1,7 @@
 """Aggregation nodes: a gateway and the cloud are the same code, one tier apart.
 
 ``Aggregator`` is the asyncio shell; ``rounds``, ``selection``, ``admission`` and
-``uplink`` hold the pure rules it applies. Nothing here trains a model.
+``sync`` hold the pure rules it applies. Nothing here trains a model.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from .admission import Admitted, UpdateGate
 from .node import Aggregator, serve_aggregator
 from .rounds import Round, quorum_target
 from .selection import Children, select
-from .uplink import Uplink
+from .sync import ParentSync
 
 __all__ = [
     "Admitted",
     "Aggregator",
     "Children",
+    "ParentSync",
     "Round",
     "UpdateGate",
-    "Uplink",
     "quorum_target",
     "select",
     "serve_aggregator",

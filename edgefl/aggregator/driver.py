@@ -198,8 +198,8 @@ class Driver:
         rnd.samples = stats.samples  # what the sync tells the parent: the capped total
         sync: PendingSync | None = None
         if link is not None:
-            link.uplink.after_round(stats.samples)
-            if link.uplink.due(s.sync_every):  # never while a sync waits for its receipt
+            link.sync.after_round(stats.samples)
+            if link.sync.due(s.sync_every):  # never while a sync waits for its receipt
                 sync = await link.build(node.params, rnd.number)
         await node._checkpoint()
         if link is not None and sync is not None:
@@ -238,10 +238,10 @@ class Driver:
         node = self.node
         pending, node._parent_model = node._parent_model, None
         link = node.link
-        if pending is None or link is None or pending[0] == link.uplink.parent_version:
+        if pending is None or link is None or pending[0] == link.sync.parent_version:
             return False
-        previous = link.uplink.parent_version
-        params = link.uplink.adopt(pending[1], node.params, pending[0])
+        previous = link.sync.parent_version
+        params = link.sync.adopt(pending[1], node.params, pending[0])
         if not is_finite(params):  # the parent's model was checked: our own work is not
             log.error(
                 "%s: adopting %s v%d is not finite; skipped", node.id, node.parent, pending[0]

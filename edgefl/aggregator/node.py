@@ -43,7 +43,7 @@ from .report import evaluation_fields, round_fields
 from .retained import RetainedModel
 from .rounds import Round
 from .selection import Children
-from .uplink import Uplink
+from .sync import ParentSync
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Aggregator:
                 parent=self.parent,
                 topics=self.topics,
                 transport=self.transport,
-                uplink=Uplink(dict(self.params), 0, max_staleness=settings.max_staleness),
+                sync=ParentSync(dict(self.params), 0, max_staleness=settings.max_staleness),
                 hmac_key=bytes.fromhex(settings.hmac_key) if settings.hmac_key else None,
                 dtype=settings.update_dtype,
                 retry_s=settings.mqtt.reconnect_min_s,
@@ -152,9 +152,9 @@ class Aggregator:
         self._heartbeat_at = 0.0
 
     @property
-    def uplink(self) -> Uplink | None:
+    def sync(self) -> ParentSync | None:
         """The sync state with the parent (None for the cloud)."""
-        return self.link.uplink if self.link is not None else None
+        return self.link.sync if self.link is not None else None
 
     @property
     def outbox(self) -> Outbox | None:
@@ -178,7 +178,7 @@ class Aggregator:
             )
             self.journal.start()
         if self.link is not None:
-            self.link.open(self.state_dir / "uplink.sqlite")
+            self.link.open(self.state_dir / "sync.sqlite")
         for topic in (self.topics.updates_of(self.id), self.topics.statuses_of(self.id)):
             await self.transport.subscribe(topic)
         if self.parent is not None:
@@ -247,7 +247,7 @@ class Aggregator:
     # --------------------------------------------------------------- reporting
     @property
     def _parent_version(self) -> int | None:
-        return self.link.uplink.parent_version if self.link is not None else None
+        return self.link.sync.parent_version if self.link is not None else None
 
     async def _evaluate(self) -> dict[str, MetricValue]:
         s = self.settings

@@ -1,6 +1,6 @@
 """A node's durable link to its parent: sync updates go through the outbox, in order.
 
-The I/O side of ``uplink.Uplink``: takes the sync's seq from the outbox, signs and
+The I/O side of ``sync.ParentSync``: takes the sync's seq from the outbox, signs and
 encodes it, stores it on disk and publishes it (QoS 1) whenever connected; reads
 the parent's receipts and stores the sync in flight again when the parent lost it.
 An entry leaves the outbox only after its PUBACK; the sync stays in flight (and in
@@ -21,7 +21,7 @@ from ..outbox import Outbox
 from ..topics import Topics
 from ..transport import AnyTransport, NotConnected, PublishTimeout
 from ..wire import Model, encode_update, sign
-from .uplink import Uplink, Verdict
+from .sync import ParentSync, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ParentLink:
         parent: str,
         topics: Topics,
         transport: AnyTransport,
-        uplink: Uplink,
+        sync: ParentSync,
         hmac_key: bytes | None = None,
         dtype: Literal["u8", "f32"] = "u8",
         retry_s: float = 0.5,
@@ -48,7 +48,7 @@ class ParentLink:
         self.parent = parent
         self.topic = topics.update(parent, node)
         self.transport = transport
-        self.uplink = uplink
+        self.sync = sync
         self.hmac_key = hmac_key
         self.dtype = dtype
         self.retry_s = retry_s
@@ -72,8 +72,8 @@ class ParentLink:
         self.outbox = Outbox(path)
         if self.restored:
             self.outbox.put(self.restored["topic"], self.restored["payload"])
-        if self.uplink.inflight is not None:
-            self._queue(self.outbox.put(self.topic, self.uplink.inflight.payload))
+        if self.sync.inflight is not None:
+            self._queue(self.outbox.put(self.topic, self.sync.inflight.payload))
 
     def close(self) -> None:
         if self.outbox is not None:
@@ -92,13 +92,13 @@ class ParentLink:
         """
         outbox = self._outbox()
         seq = await asyncio.to_thread(outbox.next_seq, self.node)
-        update = self.uplink.build(
+        update = self.sync.build(
             params, sender=self.node, seq=seq, round=round_number, dtype=self.dtype
         )
         if self.hmac_key is not None:
             update = sign(update, self.hmac_key)
         payload = encode_update(update)
-        self.uplink.sent(update, payload)
+        self.sync.sent(update, payload)
         return {"seq": seq, "topic": self.topic, "payload": payload}
 
     async def store(self, pending: PendingSync) -> None:
@@ -107,9 +107,9 @@ class ParentLink:
 
     def on_model(self, model: Model) -> Verdict:
         """A checked parent Model arrived: settle the sync in flight by its receipt."""
-        sync, version = self.uplink.inflight, model.version
+        sync, version = self.sync.inflight, model.version
         receipt = model.receipts.get(self.node)
-        verdict = self.uplink.on_parent(version, model.round, receipt, model.deadline)
+        verdict = self.sync.on_parent(version, model.round, receipt, model.deadline)
         if sync is None or verdict == "wait":
             return verdict
         if verdict == "resend" and self._entry not in self._queued:
@@ -145,10 +145,8 @@ class ParentLink:
             await asyncio.to_thread(outbox.ack, drop)
             self._queued.discard(drop)
         resend, self._resend = self._resend, False
-        if resend and self.uplink.inflight is not None:
-            self._queue(
-                await asyncio.to_thread(outbox.put, self.topic, self.uplink.inflight.payload)
-            )
+        if resend and self.sync.inflight is not None:
+            self._queue(await asyncio.to_thread(outbox.put, self.topic, self.sync.inflight.payload))
 
     def wake(self) -> None:
         """Try to deliver now (after a reconnect)."""

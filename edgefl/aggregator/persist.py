@@ -17,7 +17,7 @@ from ..robust import NormWindow
 from .journal import Key
 from .ledger import Ledger
 from .rounds import Round
-from .uplink import Uplink
+from .sync import ParentSync
 
 if TYPE_CHECKING:
     from .node import Aggregator
@@ -37,12 +37,12 @@ def snapshot(node: Aggregator) -> NodeState:
         "declared": dict(node.children.declared),
     }
     if node.link is not None:
-        extra["uplink"] = node.link.uplink.to_extra()
+        extra["sync"] = node.link.sync.to_extra()
     return NodeState(
         params=node.params,
         version=node.version,
         round=node.round.number,
-        parent_version=node.link.uplink.parent_version if node.link is not None else None,
+        parent_version=node.link.sync.parent_version if node.link is not None else None,
         last_seq=ledger.last_seqs(),
         extra=extra,
     )
@@ -96,9 +96,9 @@ def _take(node: Aggregator, state: NodeState) -> None:
     node.aggregations = int(extra.get("aggregations", 0))
     node.last_selected = {str(k): int(v) for k, v in extra.get("last_selected", {}).items()}
     node.children.remember(str(c) for c in extra.get("children", []))
-    if node.link is not None and "uplink" in extra:
-        node.link.uplink = Uplink.from_extra(
-            extra["uplink"], state.parent_version or 0, max_staleness=node.settings.max_staleness
+    if node.link is not None and "sync" in extra:
+        node.link.sync = ParentSync.from_extra(
+            extra["sync"], state.parent_version or 0, max_staleness=node.settings.max_staleness
         )
         node.link.restored = extra.get("sync")  # written before receipts: counted as sent
 

@@ -115,7 +115,7 @@ class ReceivePath:
         node = self.node
         if not payload or node.link is None:
             return
-        adopted = node.link.uplink.parent_version
+        adopted = node.link.sync.parent_version
         try:
             model = decode_model(payload, max_bytes=node._payload_limit)
             check_model(

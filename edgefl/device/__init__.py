@@ -1,16 +1,16 @@
 """The device agent: receive a model, train on local data, send back a quantized update.
 
 ``agent`` is the asyncio shell; ``update`` (encoding, persisted progress), ``policy``
-(whether to take a round) and ``uplink`` (draining the outbox) are its parts. An
+(whether to take a round) and ``delivery`` (draining the outbox) are its parts. An
 update the agent computed is never lost before PUBACK nor sent under two seqs.
 """
 
 from __future__ import annotations
 
 from .agent import DeviceAgent, serve_device
+from .delivery import Uploader
 from .policy import DEADLINE_PASSED, decide, policy_of, selected
 from .update import Progress, UpdateEncoder, expected_update_bytes, pack_params, unpack_params
-from .uplink import Uploader
 
 __all__ = [
     "DEADLINE_PASSED",

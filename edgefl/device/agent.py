@@ -30,6 +30,7 @@ from ..telemetry import Telemetry, last_will
 from ..topics import Topics
 from ..transport import LOST, AnyTransport, Message, Transport, TransportFactory
 from ..wire import MetricValue, Model, Reason, Rejected, Status, decode_model
+from .delivery import Uploader
 from .policy import policy_of
 from .report import device_status, finite, profile_fields, status_key
 from .rounds import PROGRESS_KEY, Rounds
@@ -38,7 +39,6 @@ from .update import (
     UpdateEncoder,
     expected_update_bytes,
 )
-from .uplink import Uploader
 
 log = logging.getLogger(__name__)
 

@@ -627,7 +627,7 @@ def account(fleet: Fleet) -> tuple[Tally, Tally]:
         _foreign(updates, by_key, name)
 
     for name in fleet.gateway_ids:
-        box = read_outbox(fleet.members[name].state / name / "uplink.sqlite")
+        box = read_outbox(fleet.members[name].state / name / "sync.sqlite")
         log = nodes[name]
         # Syncs carry the incarnation their gateway's uplink state holds: the one the
         # cloud folded most often (another one is reported as foreign).

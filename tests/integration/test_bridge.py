@@ -69,22 +69,22 @@ async def test_gateway_rounds_go_on_while_the_uplink_is_down_and_sync_when_it_re
         DeviceAgent(device(d, i, login(local_broker, d), state), task)
         for i, d in enumerate(DEVICES)
     ]
-    assert gateway.uplink is not None
-    uplink = gateway.uplink
+    assert gateway.sync is not None
+    sync = gateway.sync
     try:
         async with serving(cloud, gateway, *devices):
             # The bridge carries syncs up and the cloud's model down.
-            await until(lambda: uplink.parent_version >= 1, timeout=60)
+            await until(lambda: sync.parent_version >= 1, timeout=60)
 
             cloud_broker.stop()
-            adopted, cloud_version = uplink.parent_version, cloud.version
+            adopted, cloud_version = sync.parent_version, cloud.version
             rounds_before = gateway.aggregations
             await until(lambda: gateway.aggregations >= rounds_before + 3, timeout=60)
-            assert uplink.parent_version == adopted  # nothing came from the cloud meanwhile
+            assert sync.parent_version == adopted  # nothing came from the cloud meanwhile
             assert gateway.last_metrics["participants"] == len(DEVICES)
             # One sync waits for the cloud's receipt; the rounds after it wait for the next.
-            assert uplink.inflight is not None and uplink.samples_since_sync > 0
-            last_sync = uplink.inflight.seq
+            assert sync.inflight is not None and sync.samples_since_sync > 0
+            last_sync = sync.inflight.seq
             # Every sync is handed to the local broker, whose bridge holds it.
             outbox = gateway.outbox
             assert outbox is not None
@@ -94,7 +94,7 @@ async def test_gateway_rounds_go_on_while_the_uplink_is_down_and_sync_when_it_re
             await until(
                 lambda: cloud.gate.ledger.last_seqs().get("gw-1", -1) >= last_sync, timeout=60
             )
-            await until(lambda: uplink.parent_version > adopted, timeout=60)
+            await until(lambda: sync.parent_version > adopted, timeout=60)
             assert cloud.version > cloud_version
             relayed = gateway.version  # the gateway's model built on the new global one
             await until(

@@ -25,7 +25,7 @@ import torch
 from edgefl import wire
 from edgefl.broker import RunningBroker, start_mosquitto
 from edgefl.config import DeviceSettings, MqttSettings
-from edgefl.device import DeviceAgent, agent, uplink
+from edgefl.device import DeviceAgent, agent, delivery
 from edgefl.params import Params, spec_of
 from edgefl.tasks import DeviceData, TrainResult
 from edgefl.topics import Topics
@@ -138,7 +138,7 @@ async def until(predicate: Callable[[], bool], timeout: float) -> None:
 @pytest.fixture
 def quick_resends(monkeypatch: pytest.MonkeyPatch) -> None:
     """Receipts late after 1 s, looked for every 0.1 s (5 s and 5 s in service)."""
-    monkeypatch.setattr(uplink, "RESEND_MIN_S", 1.0)
+    monkeypatch.setattr(delivery, "RESEND_MIN_S", 1.0)
     monkeypatch.setattr(agent, "RESEND_POLL_S", 0.1)
 
 
@@ -199,7 +199,7 @@ async def test_an_update_whose_receipt_is_late_is_sent_again_after_the_rounds_de
             await node.model(2, receipts={DEV: (box.incarnation, 0)}, deadline_s=60)
             await until(lambda: device.rounds_trained == 2 and len(node.updates) == 2, 20)
             await until(lambda: [e.seq for e in box.peek()] == [1], 10)
-    assert late >= 0.9  # uplink.RESEND_MIN_S, here 1 s
+    assert late >= 0.9  # delivery.RESEND_MIN_S, here 1 s
     assert [(u.seq, u.round) for u in node.updates] == [(0, 1), (1, 2)]
     assert device.transport is None and device.uploader.settled == 1
 

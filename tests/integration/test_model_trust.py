@@ -168,14 +168,14 @@ async def test_a_gateway_with_a_parent_key_adopts_only_models_the_cloud_signed(
         await until(lambda: rejected[Reason.BAD_SIGNATURE] == 1, 20)
         await publish(h, "cloud", model(forged, "cloud", 2), stranger)
         await until(lambda: rejected[Reason.BAD_SIGNATURE] == 2, 20)
-        assert node.link.uplink.parent_version == 0
+        assert node.link.sync.parent_version == 0
         await publish(h, "cloud", model(params, "cloud", 3), cloud_key)
         adopted = await h.wait_model("gw-1", 1, timeout=20)  # signed by the gateway in turn
         verify_model(adopted, load_public_key(own_public))
-        assert node.link.uplink.parent_version == 3
+        assert node.link.sync.parent_version == 3
         await publish(h, "cloud", model(params, "cloud", 2), cloud_key)  # an old one, replayed
         await until(lambda: rejected[Reason.VERSION] == 1, 20)
-    assert node.link.uplink.parent_version == 3 and node.version == 1
+    assert node.link.sync.parent_version == 3 and node.version == 1
 
 
 async def test_a_gateway_without_a_parent_key_refuses_an_unsigned_leap_ahead(
@@ -188,6 +188,6 @@ async def test_a_gateway_without_a_parent_key_refuses_an_unsigned_leap_ahead(
         assert node.link is not None
         await publish(h, "cloud", model(params, "cloud", 1000))
         await until(lambda: node.rejected.counts[Reason.VERSION] == 1, 20)
-        assert node.link.uplink.parent_version == 0
+        assert node.link.sync.parent_version == 0
         await publish(h, "cloud", model(params, "cloud", 100))
-        await until(lambda: node.link is not None and node.link.uplink.parent_version == 100, 20)
+        await until(lambda: node.link is not None and node.link.sync.parent_version == 100, 20)

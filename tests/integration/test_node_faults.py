@@ -185,15 +185,15 @@ async def test_a_sync_in_the_open_round_of_a_killed_cloud_is_folded_exactly_once
         try:
             await _announcements(h, "cloud", 0, 1)
             async with running(_gateway(broker, tmp_path / "gw")) as gw:
-                uplink, outbox = gw.uplink, gw.outbox
-                assert uplink is not None and outbox is not None
+                sync, outbox = gw.sync, gw.outbox
+                assert sync is not None and outbox is not None
                 await h.wait_model("gw1", 0)
                 await _device_round(h, 0, base=0)
                 await h.wait_model("gw1", 1)
                 await _device_round(h, 1, base=1)  # the sync: both rounds, n = 80
-                await until(lambda: uplink.inflight is not None and len(outbox) == 0, 10)
-                assert uplink.inflight is not None  # folded into the cloud's open round:
-                await journaled(tmp_path / "cloud", uplink.inflight.payload)  # it needs two
+                await until(lambda: sync.inflight is not None and len(outbox) == 0, 10)
+                assert sync.inflight is not None  # folded into the cloud's open round:
+                await journaled(tmp_path / "cloud", sync.inflight.payload)  # it needs two
                 _stop(proc)
                 if journal_lost:  # only the gateway's resend can save the work now
                     for leftover in (tmp_path / "cloud").glob("journal*"):
@@ -204,7 +204,7 @@ async def test_a_sync_in_the_open_round_of_a_killed_cloud_is_folded_exactly_once
                 await h.send("cloud", make_update("gw2", 0, gw2[1], base=0, n=gw2[0]))
                 m = await h.wait_metrics("cloud", event="round", version=1, timeout=20)
                 model = params_of(await h.wait_model("cloud", 1))
-                await until(lambda: uplink.parent_version == 1 and uplink.inflight is None, 10)
+                await until(lambda: sync.parent_version == 1 and sync.inflight is None, 10)
         finally:
             _stop(proc)
     # gw1's two rounds (n = 2 * 40) counted once, whether replayed, resent, or both.
@@ -226,8 +226,8 @@ async def test_a_sync_refused_as_stale_after_an_outage_is_folded_into_the_next_o
             await h.status("gw1", dev)
         await h.status("cloud", "gw2")
         async with running(cloud_settings) as cloud, running(gw_settings) as gw:
-            uplink = gw.uplink
-            assert uplink is not None and gw.link is not None
+            sync = gw.sync
+            assert sync is not None and gw.link is not None
             publish, sync_topic = gw.transport.publish, gw.link.topic
 
             async def flaky_uplink(topic: str, payload: bytes, **kw: Any) -> None:
@@ -238,13 +238,13 @@ async def test_a_sync_refused_as_stale_after_an_outage_is_folded_into_the_next_o
             gw.transport.publish = flaky_uplink  # type: ignore[method-assign]
             await h.wait_model("gw1", 0)
             await _device_round(h, 0, base=0)  # sync 0: base 0, n = 40, stuck
-            await until(lambda: uplink.inflight is not None, 10)
+            await until(lambda: sync.inflight is not None, 10)
             for seq in (0, 1):  # meanwhile the cloud moves two versions on
                 await h.send("cloud", make_update("gw2", seq, delta_of(60 + seq), base=seq, n=5))
                 await h.wait_model("cloud", seq + 1)
             # Two versions past its base with max_staleness 1: the cloud will never fold
             # sync 0, so its work goes back into what the next sync carries.
-            await until(lambda: uplink.parent_version == 2 and uplink.inflight is None, 10)
+            await until(lambda: sync.parent_version == 2 and sync.inflight is None, 10)
             blocked = False
             version = gw.version
             await h.wait_model("gw1", version)
@@ -252,7 +252,7 @@ async def test_a_sync_refused_as_stale_after_an_outage_is_folded_into_the_next_o
             m = await h.wait_metrics("cloud", event="round", version=3, timeout=20)
             before = params_of(await h.wait_model("cloud", 2))
             model = params_of(await h.wait_model("cloud", 3))
-            await until(lambda: uplink.inflight is None and uplink.parent_version == 3, 10)
+            await until(lambda: sync.inflight is None and sync.parent_version == 3, 10)
             stale = cloud.rejected.counts
     # The cloud folds sync 1 alone: v3 is v2 plus both rounds' work, with both rounds' samples.
     assert (m["participants"], m["samples"]) == (1, 80), m

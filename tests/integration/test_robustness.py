@@ -140,7 +140,7 @@ async def test_a_gateway_never_adopts_a_nonfinite_parent_model(
         forged = Model(sender="cloud", version=1, round=0, tensors=model_tensors(poison))
         await h.client.publish(h.topics.model("cloud"), encode_model(forged), qos=1, retain=True)
         await asyncio.sleep(1.0)
-        assert node.uplink is not None and node.uplink.parent_version == 0
+        assert node.sync is not None and node.sync.parent_version == 0
         assert all(np.isfinite(a).all() for a in node.params.values())
         assert node.rejected.counts["nonfinite"] == 1
         await h.client.publish(h.topics.model("cloud"), b"", qos=1, retain=True)

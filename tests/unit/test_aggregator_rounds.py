@@ -9,7 +9,7 @@ from edgefl.aggregator.admission import Admitted
 from edgefl.aggregator.fold import RoundFold
 from edgefl.aggregator.rounds import Round, apply_delta, quorum_target
 from edgefl.aggregator.selection import Children, select
-from edgefl.aggregator.uplink import Uplink
+from edgefl.aggregator.sync import ParentSync
 from edgefl.config import PolicySettings
 from edgefl.device.policy import policy_of
 from edgefl.quant import dequantize_params, float_params
@@ -177,7 +177,7 @@ def _params(value: float) -> dict[str, np.ndarray]:
     return {"x": np.full(3, value, np.float32)}
 
 
-def _sync(up: Uplink, model: float, seq: int, dtype: str = "f32") -> Update:
+def _sync(up: ParentSync, model: float, seq: int, dtype: str = "f32") -> Update:
     update = up.build(_params(model), sender="gw", seq=seq, round=seq, dtype=dtype)  # type: ignore[arg-type]
     up.sent(update, encode_update(update))
     return update
@@ -188,7 +188,7 @@ def _sent(update: Update) -> float:
 
 
 def test_the_sync_reference_moves_only_on_the_parents_receipt() -> None:
-    up = Uplink(reference=_params(0.0), parent_version=5)
+    up = ParentSync(reference=_params(0.0), parent_version=5)
     up.after_round(10)
     assert up.due(1) and not up.due(2)
     first = _sync(up, 1.0, seq=0)
@@ -202,7 +202,7 @@ def test_the_sync_reference_moves_only_on_the_parents_receipt() -> None:
 
 
 def test_a_sync_the_parent_never_receipted_is_carried_whole_into_the_next() -> None:
-    up = Uplink(reference=_params(0.0), parent_version=0, max_staleness=2)
+    up = ParentSync(reference=_params(0.0), parent_version=0, max_staleness=2)
     up.after_round(10)
     lost = _sync(up, 1.0, seq=0)
     up.after_round(30)
@@ -213,7 +213,7 @@ def test_a_sync_the_parent_never_receipted_is_carried_whole_into_the_next() -> N
 
 
 def test_a_folded_sync_whose_receipt_came_late_is_counted_once() -> None:
-    up = Uplink(reference=_params(0.0), parent_version=0, max_staleness=4)
+    up = ParentSync(reference=_params(0.0), parent_version=0, max_staleness=4)
     up.after_round(10)
     _sync(up, 1.0, seq=7)
     assert up.on_parent(1, 1, (0, 6)) == "wait"  # a receipt for an older seq
@@ -226,7 +226,7 @@ def test_a_folded_sync_whose_receipt_came_late_is_counted_once() -> None:
 
 
 def test_an_unreceipted_sync_is_resent_when_the_parent_cannot_be_holding_it() -> None:
-    up = Uplink(reference=_params(0.0), parent_version=3, max_staleness=4)
+    up = ParentSync(reference=_params(0.0), parent_version=3, max_staleness=4)
     assert up.on_parent(3, 8, None) == "none"
     up.after_round(5)
     _sync(up, 1.0, seq=2)
@@ -241,7 +241,7 @@ def test_an_unreceipted_sync_is_resent_when_the_parent_cannot_be_holding_it() ->
 def test_u8_syncs_carry_their_quantization_error_into_the_next() -> None:
     rng = np.random.default_rng(0)
     work = {"x": rng.standard_normal(300).astype(np.float32)}
-    up = Uplink(reference={"x": np.zeros(300, np.float32)}, parent_version=0)
+    up = ParentSync(reference={"x": np.zeros(300, np.float32)}, parent_version=0)
     total = np.zeros(300, np.float64)
     for seq in range(3):
         up.after_round(1)
@@ -253,11 +253,11 @@ def test_u8_syncs_carry_their_quantization_error_into_the_next() -> None:
 
 
 def test_the_sync_in_flight_survives_a_checkpoint_round_trip() -> None:
-    up = Uplink(reference=_params(0.0), parent_version=2, max_staleness=3)
+    up = ParentSync(reference=_params(0.0), parent_version=2, max_staleness=3)
     up.after_round(7)
     update = _sync(up, 1.5, seq=4)
     up.after_round(2)
-    back = Uplink.from_extra(up.to_extra(), 2, max_staleness=3)
+    back = ParentSync.from_extra(up.to_extra(), 2, max_staleness=3)
     assert back.inflight is not None and up.inflight is not None
     assert (back.inflight.seq, back.inflight.n, back.inflight.base) == (4, 7, 2)
     assert back.inflight.payload == encode_update(update)
@@ -274,7 +274,7 @@ def test_a_checkpoint_from_before_receipts_keeps_its_unsent_residual() -> None:
         "rounds_since_sync": 1,
         "samples_since_sync": 4,
     }
-    back = Uplink.from_extra(old, 1)
+    back = ParentSync.from_extra(old, 1)
     assert back.inflight is None and back.reference["x"][0] == 1.75
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefl.device import Uploader
-from edgefl.device.uplink import RESEND_MIN_S
+from edgefl.device.delivery import RESEND_MIN_S
 from edgefl.outbox import DiskFull, Outbox
 from edgefl.transport import NotConnected, PublishTimeout
 from edgefl.wire import Model, TrainConfig

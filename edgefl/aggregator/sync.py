@@ -17,7 +17,7 @@ from ..params import Params, add, copy, subtract
 from ..quant import dequantize_params, float_params, quantize_params
 from ..wire import Update, decode_update
 
-#: What a parent Model says about the sync in flight (see ``Uplink.on_parent``).
+#: What a parent Model says about the sync in flight (see ``ParentSync.on_parent``).
 Verdict = Literal["none", "confirmed", "refused", "resend", "wait"]
 
 
@@ -37,7 +37,7 @@ class Inflight:
 
 
 @dataclass
-class Uplink:
+class ParentSync:
     """Sync bookkeeping of a node with a parent.
 
     ``reference`` is the model the parent accounts for: the parent model last
@@ -183,7 +183,7 @@ class Uplink:
     @classmethod
     def from_extra(
         cls, extra: Mapping[str, Any], parent_version: int, *, max_staleness: int = 4
-    ) -> Uplink:
+    ) -> ParentSync:
         reference = _unpack(extra["reference"])
         # Before receipts the reference moved at each sync and the quantization error
         # was kept apart: what the parent still lacks is reference - residual.
@@ -192,7 +192,7 @@ class Uplink:
             reference = {
                 n: (a - residual.get(n, 0.0)).astype(np.float32) for n, a in reference.items()
             }
-        uplink = cls(
+        sync = cls(
             reference=reference,
             parent_version=parent_version,
             max_staleness=max_staleness,
@@ -200,19 +200,19 @@ class Uplink:
             samples_since_sync=int(extra.get("samples_since_sync", 0)),
             syncs=int(extra.get("syncs", 0)),
         )
-        sync = extra.get("inflight")
-        if sync:
-            payload = bytes(sync["payload"])
+        flight = extra.get("inflight")
+        if flight:
+            payload = bytes(flight["payload"])
             update = decode_update(payload, max_bytes=len(payload))
-            uplink.inflight = Inflight(
-                seq=int(sync["seq"]),
+            sync.inflight = Inflight(
+                seq=int(flight["seq"]),
                 base=update.base,
-                n=int(sync["n"]),
-                rounds=int(sync["rounds"]),
+                n=int(flight["n"]),
+                rounds=int(flight["rounds"]),
                 payload=payload,
                 delta=dequantize_params(update.tensors),
             )
-        return uplink
+        return sync
 
 
 def _pack(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
