@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,15 +177,6 @@ def _wait_alive(
             return
         time.sleep(0.05)
     raise BrokerError(f"{name} did not accept connections on {host}:{port} in {timeout_s}s")
-
-
-@contextlib.contextmanager
-def mosquitto(**kwargs: object) -> Iterator[RunningBroker]:
-    broker = start_mosquitto(**kwargs)  # type: ignore[arg-type]
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def env_without_mosquitto() -> dict[str, str]:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from .errors import EdgeflError
 from .signing import generate_key_pair, load_private_key, public_hex
+from .topics import ROLES as NODE_ROLES
 from .topics import TopicError, Topics, check_id
 
-ROLES = ("device", "gateway", "cloud", "monitor")
+ROLES = (*NODE_ROLES, "monitor")  # a monitor only reads
 INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto (it ships mosquitto_passwd)"
 KEY_BYTES = 32
 

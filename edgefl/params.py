@@ -47,10 +47,6 @@ def copy(params: Mapping[str, np.ndarray]) -> Params:
     return {name: np.array(arr, dtype=np.float32, copy=True) for name, arr in params.items()}
 
 
-def zeros_like(params: Mapping[str, np.ndarray]) -> Params:
-    return {name: np.zeros_like(arr, dtype=np.float32) for name, arr in params.items()}
-
-
 def from_module(module: object) -> Params:
     """The floating-point state of a ``torch.nn.Module`` as float32 numpy arrays."""
     state = module.state_dict()  # type: ignore[attr-defined]

@@ -41,11 +41,9 @@ class Telemetry:
         self.sender = sender
         self.parent = parent
         self.enabled = metrics
-        self.last_status: Status | None = None
 
     async def status(self, status: Status) -> bool:
         """Publish ``status`` retained to the parent; False if it could not go out now."""
-        self.last_status = status
         if self.parent is None:
             return False
         try:

@@ -14,7 +14,6 @@ from .errors import EdgeflError
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 Kind = Literal["model", "update", "status", "metrics"]
-Role = Literal["device", "gateway", "cloud"]
 ROLES: tuple[str, ...] = ("device", "gateway", "cloud")
 
 

@@ -381,10 +381,6 @@ def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def total_devices(scenario: Scenario) -> int:
-    return sum(scenario.devices_per_gateway())
-
-
 def describe(scenario: Scenario) -> str:
     """One line: the fleet at a glance."""
     counts = scenario.devices_per_gateway()
