@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from .outbox_file import (
     DiskFull,
@@ -60,6 +60,15 @@ class Entry:
     seq: int | None = None
     delivered: float | None = None
     deliveries: int = 0
+
+
+class Backlog(NamedTuple):
+    """What an outbox holds, read at once: for a Status or a metrics record."""
+
+    pending: int  # not delivered yet
+    bytes: int  # their payload bytes
+    unreceipted: int  # delivered, waiting for a receipt
+    dropped: int  # over the life of the file
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
@@ -196,6 +205,15 @@ class Outbox:
     def unreceipted(self) -> int:
         """Entries delivered to the broker and waiting for their receipt."""
         return int(self._read("SELECT COUNT(*) FROM entries WHERE delivered IS NOT NULL")[0][0])
+
+    def backlog(self) -> Backlog:
+        """Counts in one read (a blocking call: off the event loop)."""
+        ((pending, size, unreceipted),) = self._read(
+            "SELECT COALESCE(SUM(delivered IS NULL), 0),"
+            " COALESCE(SUM(CASE WHEN delivered IS NULL THEN LENGTH(payload) END), 0),"
+            " COALESCE(SUM(delivered IS NOT NULL), 0) FROM entries"
+        )
+        return Backlog(int(pending), int(size), int(unreceipted), self.dropped)
 
     @property
     def dropped(self) -> int:

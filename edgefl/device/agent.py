@@ -147,7 +147,10 @@ class DeviceAgent:
             Outbox, self.state_path, max_entries=s.outbox_max_entries, max_bytes=s.outbox_max_bytes
         )
         self.outbox = box
-        self.progress = Progress.load(box.get_state(PROGRESS_KEY))
+        saved, backlog = await asyncio.to_thread(
+            lambda: (box.get_state(PROGRESS_KEY), box.backlog())
+        )
+        self.progress = Progress.load(saved)
         if self.encoder.error_feedback:
             self.encoder.feedback.residual = self.progress.residual
         log.info(
@@ -158,15 +161,15 @@ class DeviceAgent:
             len(self.data),
             s.gateway,
             s.mqtt.broker,
-            len(box),
-            box.unreceipted,
+            backlog.pending,
+            backlog.unreceipted,
         )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
         if self.outbox is not None:
-            self.outbox.close()
+            await asyncio.to_thread(self.outbox.close)
 
     def _box(self) -> Outbox:
         if self.outbox is None:
@@ -291,8 +294,6 @@ class DeviceAgent:
             decision = self.rounds.decide(reading, pending)
             if pending is not None and decision.ok:
                 self._model_due.set()  # things changed: try the declined round again
-            if self.connected and len(self._box()):
-                self._flush_due.set()
             await self._publish_status(reading, decision)
 
     async def _publish_status(
@@ -301,12 +302,15 @@ class DeviceAgent:
         """Publish on a change (battery in whole percent) or once the heartbeat is due.
 
         ``declined``: the round just declined and why, which the node reads."""
+        backlog = await asyncio.to_thread(self._box().backlog)
+        if self.connected and backlog.pending:
+            self._flush_due.set()
         status = device_status(
             self.id,
             reading,
             decision,
             uplink_kbps=self.uplink.kbps,
-            buffered=len(self._box()),
+            buffered=backlog.pending,
             model_version=self.progress.model_version,
             ts=self.clock(),
             samples=len(self.data),
@@ -322,14 +326,14 @@ class DeviceAgent:
             self._status_sent_at = now
 
     async def _metrics(self, fields: dict[str, MetricValue], reading: Reading) -> None:
-        box = self._box()
+        backlog = await asyncio.to_thread(self._box().backlog)
         self.last_metrics = finite(
             {
                 **fields,
                 **profile_fields(reading, self.uplink.kbps),
-                "buffered": len(box),
-                "buffered_bytes": box.bytes,
-                "dropped": box.dropped,
+                "buffered": backlog.pending,
+                "buffered_bytes": backlog.bytes,
+                "dropped": backlog.dropped,
                 "rounds_trained": self.rounds_trained,
                 "declined": sum(self.declined.values()),
                 **{f"declined_{r}": c for r, c in sorted(self.declined.items())},
