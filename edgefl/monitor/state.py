@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ NODE_GAUGES = {
     "selected": "children selected for the last round",
     "samples": "samples behind the last round's updates",
     "bytes_in": "update bytes received in the last round",
+    "clipped": "deltas of the last round scaled down to the clip bound",
+    "clip_bound": "the last round's clip bound (L2 norm)",
     "accuracy": "held-out accuracy (0..1)",
     "loss": "held-out loss",
     "round_ms": "wall time of the last round (ms)",
@@ -30,6 +33,10 @@ NODE_GAUGES = {
     "children_online": "children whose retained status says online",
 }
 REJECTED_PREFIX = "rejected_"
+#: Byte counters a node adds to its round records (``bytes_up``, ...) are kept as they
+#: come, at most MAX_BYTE_FIELDS of them per node: a node cannot grow the state at will.
+BYTE_FIELD = re.compile(r"bytes_[a-z]{1,16}(_[a-z]{1,16})?")
+MAX_BYTE_FIELDS = 8
 
 
 def _num(value: Any) -> float | None:
@@ -55,13 +62,19 @@ class NodeView:
     buffered: int | None = None  # sync updates waiting for the parent
     figures: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
-    history: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    #: (round, version, accuracy) of the last rounds that reported an accuracy
+    history: deque[tuple[int, int, float]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     metrics_ts: float | None = None
     status_ts: float | None = None
 
     @property
     def accuracy_history(self) -> list[float]:
-        return [acc for _, acc in self.history]
+        return [acc for _, _, acc in self.history]
+
+    @property
+    def accuracy_by_version(self) -> dict[int, float]:
+        """The accuracy of each model version the node reported (the latest record wins)."""
+        return {version: acc for _, version, acc in self.history}
 
     @property
     def rejected_total(self) -> int:
@@ -176,15 +189,25 @@ class FleetState:
                 node.rejected[reason] = count
         if doc.get("event", "round") != "round":
             return  # a re-announced round has closed nothing: keep the last round's figures
-        for name in NODE_GAUGES:
-            value = _num(doc.get(name))
-            if value is not None:
-                node.figures[name] = value
+        for name, value in doc.items():
+            number = _num(value)
+            if number is not None and (name in NODE_GAUGES or self._byte_field(node, name)):
+                node.figures[name] = number
         accuracy, round_ = _num(doc.get("accuracy")), _int(doc.get("round"))
         if accuracy is not None:
             if node.history and round_ is not None and node.history[-1][0] == round_:
                 node.history.pop()  # the same round reported twice: keep the latest
-            node.history.append((round_ if round_ is not None else -1, accuracy))
+            version = _int(doc.get("version"))
+            node.history.append((-1 if round_ is None else round_,
+                                 -1 if version is None else version, accuracy))  # fmt: skip
+
+    @staticmethod
+    def _byte_field(node: NodeView, name: str) -> bool:
+        if name in node.figures:
+            return True
+        if not BYTE_FIELD.fullmatch(name):
+            return False
+        return sum(1 for k in node.figures if k not in NODE_GAUGES) < MAX_BYTE_FIELDS
 
     @staticmethod
     def _device_metrics(dev: DeviceView, doc: dict[str, Any]) -> None:

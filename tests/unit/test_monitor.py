@@ -178,3 +178,20 @@ def test_monitor_command_refuses_a_bad_broker_address_in_one_line(
     assert main(["monitor", "--broker", "no-port", "--once"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("edgefl monitor: error: broker") and "\n" not in err
+
+
+def test_accuracy_is_kept_per_version_and_byte_counters_as_they_come() -> None:
+    state = FleetState()
+    for rnd, version, acc in ((1, 2, 0.5), (2, 3, 0.75), (2, 3, 0.8), (3, 3, 0.85)):
+        state.apply(*metrics("cloud", "cloud", round=rnd, version=version, accuracy=acc,
+                             clipped=1, bytes_up=100 * rnd, bytes_down=7))  # fmt: skip
+    cloud = state.nodes["cloud"]
+    assert cloud.accuracy_by_version == {2: 0.5, 3: 0.85}
+    assert cloud.accuracy_history == [0.5, 0.8, 0.85]
+    assert (cloud.figures["bytes_up"], cloud.figures["bytes_down"], cloud.figures["clipped"]) == (
+        300, 7, 1)  # fmt: skip
+    # A node cannot grow the state with made-up fields.
+    flood = {f"bytes_x{chr(97 + i // 26)}{chr(97 + i % 26)}": 1 for i in range(100)}
+    state.apply(*metrics("cloud", "cloud", round=4, version=4, **flood))
+    extra = [k for k in cloud.figures if k.startswith("bytes_") and k != "bytes_in"]
+    assert len(extra) == 8 and {"bytes_up", "bytes_down"} <= set(extra)
