@@ -252,7 +252,7 @@ def start_embedded(
     except ImportError:
         raise BrokerError(
             "neither mosquitto nor amqtt is installed; "
-            f"{INSTALL_HINT}, or: pip install 'edgefl[sim]'"
+            f"{INSTALL_HINT}, or: pip install '.[sim]' in the edgefl checkout"
         ) from None
     port = port or free_port(host)
     workdir = Path(tempfile.mkdtemp(prefix="edgefl-amqtt-"))

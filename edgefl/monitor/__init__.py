@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
             server = serve_prometheus(monitor.state, monitor.lock, args.prometheus)
         except ImportError:
             print("edgefl monitor: error: --prometheus needs prometheus-client; "
-                  "pip install 'edgefl[sim]'", file=sys.stderr)  # fmt: skip
+                  "pip install '.[sim]' in the edgefl checkout", file=sys.stderr)  # fmt: skip
             return 2
         except OSError as exc:
             print(f"edgefl monitor: error: port {args.prometheus}: {exc}", file=sys.stderr)

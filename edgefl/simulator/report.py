@@ -91,7 +91,7 @@ def plot_history(rows: Sequence[Mapping[str, Any]], out: Path, title: str = "") 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed; no plots (pip install 'edgefl[sim]')")
+        log.warning("matplotlib is not installed; no plots (in the checkout: pip install '.[sim]')")
         return []
     out.mkdir(parents=True, exist_ok=True)
     rounds = [r.get("round") for r in rows]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from pathlib import Path
 
@@ -77,18 +76,3 @@ def test_the_unit_starts_the_device_command_with_the_etc_config() -> None:
     assert args == ["device", "--config", "/etc/edgefl/device.toml"]
     parsed = build_parser().parse_args(args)
     assert parsed.command == "device" and parsed.config == "/etc/edgefl/device.toml"
-
-
-def test_every_edgefl_command_in_the_readme_parses() -> None:
-    blocks = re.findall(r"```sh\n(.*?)```", (DEVICES / "README.md").read_text(), re.S)
-    commands = [
-        shlex.split(line.split("#")[0])
-        for block in blocks
-        for line in block.splitlines()
-        if line.startswith("edgefl ")
-    ]
-    assert len(commands) >= 3
-    for argv in commands:
-        if "--help" in argv:
-            continue
-        build_parser().parse_args(argv[1:])
