@@ -18,6 +18,7 @@ from .base import (
     TransportError,
     TransportFactory,
     Will,
+    publish_size,
 )
 from .chunks import Reassembler, chunk_source, chunk_topic, is_chunk, split
 from .link import OnConnect
@@ -43,6 +44,7 @@ __all__ = [
     "chunk_source",
     "chunk_topic",
     "is_chunk",
+    "publish_size",
     "split",
     "tls_context",
 ]

@@ -41,11 +41,23 @@ class TransportClosed(NotConnected):
 LOST: tuple[type[BaseException], ...] = (NotConnected, TimeoutError, asyncio.TimeoutError)
 
 
+def publish_size(topic: str, payload_len: int, qos: int = 1, *, v5: bool = False) -> int:
+    """Bytes one PUBLISH packet takes on the wire: fixed header, topic, packet id, properties.
+
+    The fixed header is one byte and the remaining length (1-4 bytes); QoS 1 adds a
+    two-byte packet id, MQTT 5 a properties length (one byte: edgefl sends none).
+    """
+    rest = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + (1 if v5 else 0) + payload_len
+    length_bytes = 1 if rest < 128 else 2 if rest < 16384 else 3 if rest < 2097152 else 4
+    return 1 + length_bytes + rest
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str
     payload: bytes
     retain: bool = False
+    qos: int = 1
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,9 @@ class AnyTransport(Protocol):
     client_id: str
     #: incoming messages refused before delivery (a bad chunk), by reason
     rejected: Counter[Reason]
+    #: PUBLISH packets' bytes on the wire (``publish_size``), sent and received
+    wire_out: int
+    wire_in: int
 
     @property
     def connected(self) -> bool: ...
@@ -75,6 +90,9 @@ class AnyTransport(Protocol):
         once if the transport is closed); unbounded, ``TransportClosed`` once closed."""
 
     async def subscribe(self, topic: str, qos: int = 1) -> None: ...
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Forget a subscription, now if connected and in every later session."""
 
     async def publish(
         self,

@@ -105,6 +105,9 @@ class Link(abc.ABC):
         self.bytes_out = 0
         self.bytes_in = 0
         self.messages_out = 0
+        #: whole PUBLISH packets, header, topic and properties included (``publish_size``)
+        self.wire_out = 0
+        self.wire_in = 0
         #: messages dropped because a bounded inbox (``queue_size``) was full
         self.dropped = 0
 

@@ -19,7 +19,15 @@ from typing import Any
 from paho.mqtt.client import topic_matches_sub
 
 from ..supervise import wait_event
-from .base import AnyTransport, Message, NotConnected, PublishTimeout, TransportFactory, Will
+from .base import (
+    AnyTransport,
+    Message,
+    NotConnected,
+    PublishTimeout,
+    TransportFactory,
+    Will,
+    publish_size,
+)
 from .link import Link, OnConnect
 
 log = logging.getLogger(__name__)
@@ -135,7 +143,7 @@ class MemoryBroker:
             return
         for name, payload in list(self._retained.items()):
             if topic_matches_sub(topic, name):
-                client._receive(Message(name, payload, retain=True))
+                client._receive(Message(name, payload, retain=True, qos=qos))
 
     def _route(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         if "+" in topic or "#" in topic:
@@ -148,7 +156,7 @@ class MemoryBroker:
             granted = session.qos_for(topic)
             if granted is None:
                 continue
-            message = Message(topic, payload, retain=False)
+            message = Message(topic, payload, retain=False, qos=min(qos, granted))
             if session.client is not None:
                 session.client._receive(message)
             elif session.persistent and min(qos, granted) >= 1:
@@ -212,6 +220,7 @@ class MemoryTransport(Link):
 
     def _receive(self, message: Message) -> None:
         self.bytes_in += len(message.payload)
+        self.wire_in += publish_size(message.topic, len(message.payload), message.qos)
         self._enqueue(message)
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
@@ -221,6 +230,14 @@ class MemoryTransport(Link):
         self._subscriptions[topic] = qos
         if self._session is not None:
             self.broker._subscribe(self._session, topic, qos)
+        await asyncio.sleep(0)
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Forget ``topic`` now and in every later session."""
+        self._check_open()
+        self._subscriptions.pop(topic, None)
+        if self._session is not None:
+            self._session.subscriptions.pop(topic, None)
         await asyncio.sleep(0)
 
     async def publish(
@@ -243,5 +260,6 @@ class MemoryTransport(Link):
             raise PublishTimeout(f"no PUBACK for {topic} within {limit}s")
         self.broker._route(topic, bytes(payload), qos, retain)
         self.bytes_out += len(payload)
+        self.wire_out += publish_size(topic, len(payload), qos)
         self.messages_out += 1
         await asyncio.sleep(0)  # a publish lets others run, as a socket write does

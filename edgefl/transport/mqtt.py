@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from ..config import MqttSettings
 from ..supervise import all_completed, first_completed
 from ..wire import Reason, Rejected
-from .base import Message, NotConnected, PublishTimeout, Will
+from .base import Message, NotConnected, PublishTimeout, Will, publish_size
 from .chunks import Reassembler, chunk_source, chunk_topic, is_chunk, split
 from .link import Link, OnConnect
 
@@ -127,6 +127,7 @@ class Transport(Link):
         self._restart = asyncio.Event()  # set to drop a connection that is not usable
         self._inflight = asyncio.Semaphore(settings.max_inflight)
         self._retained_chunks: dict[str, int] = {}
+        self._v5 = settings.protocol == "5"
         self.reassembler = Reassembler(
             max_payload_bytes=max_payload_bytes, timeout_s=reassembly_timeout_s
         )
@@ -206,6 +207,7 @@ class Transport(Link):
         payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
         topic = msg.topic.value
         self.bytes_in += len(payload)
+        self.wire_in += publish_size(topic, len(payload), msg.qos, v5=self._v5)
         if is_chunk(payload):
             try:
                 whole = self.reassembler.feed(chunk_source(topic), bytes(payload))
@@ -238,6 +240,18 @@ class Transport(Link):
         except _NoSubAck as exc:
             log.warning("%s: %s; reconnecting", self.client_id, exc)
             self._restart.set()
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Forget ``topic`` now if connected, and in every later session."""
+        self._check_open()
+        self._subscriptions.pop(topic, None)
+        client = self._client
+        if client is None or not self.connected:
+            return  # a persistent session keeps it at the broker: the next connect says so
+        with contextlib.suppress(aiomqtt.MqttError, NotConnected):
+            await self._acknowledged(
+                client.unsubscribe(topic, timeout=math.inf), self.subscribe_timeout_s
+            )
 
     async def _subscribe_on(self, client: aiomqtt.Client, topic: str, qos: int) -> None:
         """SUBSCRIBE and wait, bounded, for the SUBACK; ask again when none comes.
@@ -310,6 +324,7 @@ class Transport(Link):
             if not acknowledged:
                 raise PublishTimeout(f"no PUBACK for {topic} within {limit}s")
             self.bytes_out += len(payload)
+            self.wire_out += publish_size(topic, len(payload), qos, v5=self._v5)
             self.messages_out += 1
 
     async def _acknowledged(self, request: Coroutine[Any, Any, object], timeout: float) -> bool:
