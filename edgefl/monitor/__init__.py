@@ -18,15 +18,39 @@ from typing import Any
 
 from .state import DeviceView, FleetState, NodeView
 
-__all__ = ["DeviceView", "FleetState", "Monitor", "NodeView", "configure_parser", "main"]
+__all__ = [
+    "DeviceView", "FleetState", "Monitor", "NodeView", "add_broker_arguments",
+    "broker_settings", "configure_parser", "main",
+]  # fmt: skip
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker, prefix and credential flags of every command that only subscribes."""
     env = os.environ.get
     parser.add_argument(
         "--broker", default=env("EDGEFL_MQTT__BROKER", "127.0.0.1:1883"), help="HOST:PORT"
     )
     parser.add_argument("--prefix", default=env("EDGEFL_MQTT__PREFIX", "edgefl"))
+    parser.add_argument("--username", default=env("EDGEFL_MQTT__USERNAME"))
+    parser.add_argument(
+        "--password", default=env("EDGEFL_MQTT__PASSWORD"), help="or EDGEFL_MQTT__PASSWORD"
+    )
+    parser.add_argument("--ca-file", default=env("EDGEFL_MQTT__CA_FILE"), help="connect over TLS")
+    parser.add_argument("--tls-insecure", action="store_true", help="skip the host name check")
+
+
+def broker_settings(args: argparse.Namespace) -> Any:
+    """``MqttSettings`` from :func:`add_broker_arguments`' flags; ``ValidationError`` if bad."""
+    from ..config import MqttSettings
+
+    return MqttSettings(
+        broker=args.broker, prefix=args.prefix, username=args.username,
+        password=args.password, ca_file=args.ca_file, tls_insecure=args.tls_insecure,
+    )  # fmt: skip
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_broker_arguments(parser)
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument(
         "--wait", type=float, default=5.0, metavar="S",
@@ -40,24 +64,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--no-view", action="store_true", help="no terminal view (with --prometheus: exporter)"
     )
     parser.add_argument("--max-devices", type=int, default=40, help="device rows shown")
-    parser.add_argument("--username", default=env("EDGEFL_MQTT__USERNAME"))
-    parser.add_argument(
-        "--password", default=env("EDGEFL_MQTT__PASSWORD"), help="or EDGEFL_MQTT__PASSWORD"
-    )
-    parser.add_argument("--ca-file", default=env("EDGEFL_MQTT__CA_FILE"), help="connect over TLS")
-    parser.add_argument("--tls-insecure", action="store_true", help="skip the host name check")
 
 
 def main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from ..config import MqttSettings, describe_error
+    from ..config import describe_error
 
     try:
-        settings = MqttSettings(
-            broker=args.broker, prefix=args.prefix, username=args.username,
-            password=args.password, ca_file=args.ca_file, tls_insecure=args.tls_insecure,
-        )  # fmt: skip
+        settings = broker_settings(args)
     except ValidationError as exc:
         print(f"edgefl monitor: error: {describe_error(exc)}", file=sys.stderr)
         return 2
