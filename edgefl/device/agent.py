@@ -121,6 +121,8 @@ class DeviceAgent:
         self.rounds_trained = 0
         self.declined: Counter[str] = Counter()  # rounds not trained, by reason
         self.ignored: Counter[str] = Counter()  # bad model payloads, by reason
+        #: the node's latest model does not fit our task (another model or task option)
+        self.mismatch = False
         self.clamped = 0  # rounds whose training config asked for more than the bounds
         self.last_metrics: dict[str, MetricValue] = {}
         self.last_status: Status | None = None
@@ -241,8 +243,12 @@ class DeviceAgent:
         s = self.settings
         try:
             model = decode_model(message.payload)
-            if {t.name: tuple(t.shape) for t in model.tensors} != self.spec:
-                raise Rejected(Reason.SHAPE, "model does not match the task's parameters")
+            fits = {t.name: tuple(t.shape) for t in model.tensors} == self.spec
+            if fits != (not self.mismatch):
+                self.mismatch = not fits
+                self._status_due.set()  # eligible or not: the node must know
+            if not fits:
+                raise Rejected(Reason.SHAPE, "it does not fit this task: model_mismatch")
             check_model(
                 model,
                 held=self.progress.model_version,

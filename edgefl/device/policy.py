@@ -11,7 +11,9 @@ from ..profiles import UPLINK_TOO_SLOW, Decision, EligibilityPolicy, Reading, po
 from ..wire import Model
 
 DEADLINE_PASSED = "deadline_passed"
-__all__ = ["DEADLINE_PASSED", "decide", "policy_of", "selected"]
+#: The node's model does not fit this device's task: it cannot train until one does.
+MODEL_MISMATCH = "model_mismatch"
+__all__ = ["DEADLINE_PASSED", "MODEL_MISMATCH", "decide", "policy_of", "selected"]
 
 
 def selected(model: Model, device_id: str) -> bool:

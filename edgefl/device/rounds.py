@@ -24,7 +24,7 @@ from ..tasks.training import TrainingStopped
 from ..wire import MetricValue, Model, QTensor
 from ..wire import model_params as wire_params
 from .limits import OverBudget, bound_config, with_budget
-from .policy import DEADLINE_PASSED, decide, selected
+from .policy import DEADLINE_PASSED, MODEL_MISMATCH, decide, selected
 from .update import float32_bytes, is_finite
 from .worker import run_stoppable
 
@@ -81,6 +81,8 @@ class Rounds:
 
     def decide(self, reading: Reading, model: Model | None) -> Decision:
         agent = self.agent
+        if agent.mismatch:
+            return Decision(False, MODEL_MISMATCH)
         now = agent.clock()
         return decide(
             agent.policy,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from edgefl.config import AggregatorSettings, load_settings
+from edgefl.config import AggregatorSettings, DeviceSettings, load_settings
+from edgefl.tasks import load_task
 
 REPO = Path(__file__).resolve().parents[2]
 KITS = sorted([*REPO.glob("gateways/*.toml"), *REPO.glob("cloud/*.toml")])
@@ -58,3 +60,20 @@ def test_systemd_unit_runs_its_tier_with_its_kit_file(unit: str) -> None:
     tier = "cloud" if unit.startswith("cloud") else "gateway"
     assert f"edgefl {tier} --config /etc/edgefl/{tier}.toml" in text
     assert "Restart=always" in text and "KillSignal=SIGTERM" in text
+
+
+def test_every_kit_runs_the_same_task_with_the_same_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device whose task options differ cannot load its node's model (model_mismatch)."""
+    for name in [n for n in os.environ if n.startswith("EDGEFL_")]:
+        monkeypatch.delenv(name)
+    devices = sorted(REPO.glob("devices/*.toml"))
+    assert len(devices) >= 2
+    kits = [load_settings(AggregatorSettings, p) for p in KITS]
+    kits += [load_settings(DeviceSettings, p) for p in devices]
+    assert {(k.task, json.dumps(k.task_options, sort_keys=True)) for k in kits} == {
+        (kits[0].task, json.dumps(kits[0].task_options, sort_keys=True))
+    }
+    specs = {tuple(load_task(k.task, **k.task_options).spec().items()) for k in kits}
+    assert len(specs) == 1
