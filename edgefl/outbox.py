@@ -7,7 +7,6 @@ reboot or a ``kill -9``. It must never forget an entry before its receipt (or
 
 from __future__ import annotations
 
-import builtins
 import logging
 import os
 import sqlite3
@@ -21,14 +20,18 @@ from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 from .outbox_file import (
+    EVICTION,
     DiskFull,
     DiskSpells,
     NoRoom,
+    add_counts,
     checkpoint,
     is_full,
     open_database,
     prepare,
     require_room,
+    take_seq,
+    trim,
 )
 
 __all__ = ["DiskFull", "Entry", "Outbox"]
@@ -40,8 +43,6 @@ T = TypeVar("T")
 MAX_BACKOFF_DOUBLINGS = 6
 
 _ENTRY = "id, topic, payload, created, attempts, seq, delivered, deliveries"
-#: Eviction order: delivered entries (likely at the node already) first, then the oldest.
-_EVICTION = "ORDER BY delivered IS NULL, id"
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Outbox:
 
     # ------------------------------------------------------------------ FIFO
 
-    def put(self, topic: str, payload: builtins.bytes) -> int:
+    def put(self, topic: str, payload: bytes) -> int:
         """Append one message; returns its entry id. Drops the oldest past a cap.
 
         A payload larger than ``max_bytes`` on its own raises ``ValueError``; a disk
@@ -121,7 +122,7 @@ class Outbox:
         return self._write(lambda db: self._insert(db, topic, payload))
 
     def put_with_seq(
-        self, sender: str, topic: str, build: Callable[[int], builtins.bytes]
+        self, sender: str, topic: str, build: Callable[[int], bytes]
     ) -> tuple[int, int]:
         """Allocate ``sender``'s next seq and store ``build(seq)`` in one transaction.
 
@@ -131,7 +132,7 @@ class Outbox:
         """
 
         def write(db: sqlite3.Connection) -> tuple[int, int]:
-            seq = self._take_seq(db, sender)
+            seq = take_seq(db, sender)
             return self._insert(db, topic, build(seq), sender=sender, seq=seq), seq
 
         return self._write(write)
@@ -193,19 +194,6 @@ class Outbox:
         """Entries not delivered yet (a delivered one waiting for its receipt is not counted)."""
         return int(self._read("SELECT COUNT(*) FROM entries WHERE delivered IS NULL")[0][0])
 
-    @property
-    def bytes(self) -> int:
-        """Payload bytes of the entries not delivered yet."""
-        rows = self._read(
-            "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM entries WHERE delivered IS NULL"
-        )
-        return int(rows[0][0])
-
-    @property
-    def unreceipted(self) -> int:
-        """Entries delivered to the broker and waiting for their receipt."""
-        return int(self._read("SELECT COUNT(*) FROM entries WHERE delivered IS NOT NULL")[0][0])
-
     def backlog(self) -> Backlog:
         """Counts in one read (a blocking call: off the event loop)."""
         ((pending, size, unreceipted),) = self._read(
@@ -234,13 +222,13 @@ class Outbox:
 
     def next_seq(self, sender: str) -> int:
         """``sender``'s next sequence number (0, 1, 2, ...), committed before it returns."""
-        return self._write(lambda db: self._take_seq(db, sender))
+        return self._write(lambda db: take_seq(db, sender))
 
-    def get_state(self, key: str) -> builtins.bytes | None:
+    def get_state(self, key: str) -> bytes | None:
         rows = self._read("SELECT value FROM state WHERE key = ?", (key,))
         return bytes(rows[0][0]) if rows else None
 
-    def set_state(self, key: str, value: builtins.bytes) -> None:
+    def set_state(self, key: str, value: bytes) -> None:
         """Store small bytes under ``key``; on a full disk, entries make room for them."""
 
         def write(db: sqlite3.Connection) -> None:
@@ -353,21 +341,11 @@ class Outbox:
         self._disk.full(exc)
         self._checkpoint()
 
-    def _take_seq(self, db: sqlite3.Connection, sender: str) -> int:
-        row = db.execute("SELECT next FROM seqs WHERE sender = ?", (sender,)).fetchone()
-        seq = int(row[0]) if row else 0
-        db.execute(
-            "INSERT INTO seqs (sender, next) VALUES (?, ?) "
-            "ON CONFLICT(sender) DO UPDATE SET next = excluded.next",
-            (sender, seq + 1),
-        )
-        return seq
-
     def _insert(
         self,
         db: sqlite3.Connection,
         topic: str,
-        payload: builtins.bytes,
+        payload: bytes,
         *,
         sender: str | None = None,
         seq: int | None = None,
@@ -380,49 +358,20 @@ class Outbox:
             (topic, sqlite3.Binary(payload), self.clock(), sender, seq),
         )
         entry_id = int(cur.lastrowid or 0)
-        self._trim(db)
+        trim(db, self.max_entries, self.max_bytes, self.path)
         return entry_id
-
-    def _trim(self, db: sqlite3.Connection) -> None:
-        count, total = db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM entries"
-        ).fetchone()
-        if count <= self.max_entries and total <= self.max_bytes:
-            return
-        gone = {"dropped": 0, "evicted": 0}
-        # The newest entry always fits (checked in _insert), so this ends before it.
-        for entry_id, size, delivered in db.execute(
-            f"SELECT id, LENGTH(payload), delivered IS NOT NULL FROM entries {_EVICTION}"
-        ).fetchall():
-            if count <= self.max_entries and total <= self.max_bytes:
-                break
-            db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
-            count, total = count - 1, total - size
-            gone["evicted" if delivered else "dropped"] += 1
-        self._count(db, gone)
-        level = logging.WARNING if gone["dropped"] else logging.DEBUG
-        log.log(
-            level,
-            "outbox %s full: dropped %d oldest entries, forgot %d delivered "
-            "(caps: %d entries, %d bytes)",
-            self.path,
-            gone["dropped"],
-            gone["evicted"],
-            self.max_entries,
-            self.max_bytes,
-        )
 
     def _evict_one(self) -> bool:
         """Make room on a full disk: delete one entry, eviction order. False if none fits."""
         try:
             with self._tx() as db:
                 row = db.execute(
-                    f"SELECT id, delivered IS NOT NULL FROM entries {_EVICTION} LIMIT 1"
+                    f"SELECT id, delivered IS NOT NULL FROM entries {EVICTION} LIMIT 1"
                 ).fetchone()
                 if row is None:
                     return False
                 db.execute("DELETE FROM entries WHERE id = ?", (row[0],))
-                self._count(db, {"evicted" if row[1] else "dropped": 1})
+                add_counts(db, {"evicted" if row[1] else "dropped": 1})
         except sqlite3.OperationalError as exc:
             if not is_full(exc):
                 raise
@@ -430,13 +379,3 @@ class Outbox:
         log.debug("outbox %s: disk full: removed entry %d to make room", self.path, row[0])
         self._checkpoint()
         return True
-
-    @staticmethod
-    def _count(db: sqlite3.Connection, counts: dict[str, int]) -> None:
-        for name, n in counts.items():
-            if n:
-                db.execute(
-                    "INSERT INTO counters (name, value) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                    (name, n),
-                )

@@ -1,4 +1,5 @@
-"""The sqlite file behind an outbox: its schema and incarnation, opening, checkpoints.
+"""The sqlite file behind an outbox: its schema and incarnation, opening, checkpoints,
+seqs, counters and caps.
 
 Tells a damaged file (moved aside, a new one created) from a full disk (opened
 anyway, without shared memory). It never deletes a file it could not read.
@@ -17,6 +18,9 @@ from pathlib import Path
 from .errors import EdgeflError
 
 log = logging.getLogger("edgefl.outbox")  # part of the outbox, as its users see it
+
+#: Eviction order: delivered entries (likely at the node already) first, then the oldest.
+EVICTION = "ORDER BY delivered IS NULL, id"
 
 # sqlite result codes (the primary code is the low byte of an extended one).
 SQLITE_IOERR = 10
@@ -236,3 +240,57 @@ def _set_aside(path: Path, reason: str) -> None:
         reason,
         target.name,
     )
+
+
+def take_seq(db: sqlite3.Connection, sender: str) -> int:
+    """The next seq of ``sender``, taken (in the caller's transaction)."""
+    row = db.execute("SELECT next FROM seqs WHERE sender = ?", (sender,)).fetchone()
+    seq = int(row[0]) if row else 0
+    db.execute(
+        "INSERT INTO seqs (sender, next) VALUES (?, ?) "
+        "ON CONFLICT(sender) DO UPDATE SET next = excluded.next",
+        (sender, seq + 1),
+    )
+    return seq
+
+
+def trim(db: sqlite3.Connection, max_entries: int, max_bytes: int, path: Path) -> None:
+    """Drop entries, eviction order, until the file is within its caps."""
+    count, total = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM entries"
+    ).fetchone()
+    if count <= max_entries and total <= max_bytes:
+        return
+    gone = {"dropped": 0, "evicted": 0}
+    # The newest entry always fits (checked in _insert), so this ends before it.
+    for entry_id, size, delivered in db.execute(
+        f"SELECT id, LENGTH(payload), delivered IS NOT NULL FROM entries {EVICTION}"
+    ).fetchall():
+        if count <= max_entries and total <= max_bytes:
+            break
+        db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+        count, total = count - 1, total - size
+        gone["evicted" if delivered else "dropped"] += 1
+    add_counts(db, gone)
+    level = logging.WARNING if gone["dropped"] else logging.DEBUG
+    log.log(
+        level,
+        "outbox %s full: dropped %d oldest entries, forgot %d delivered "
+        "(caps: %d entries, %d bytes)",
+        path,
+        gone["dropped"],
+        gone["evicted"],
+        max_entries,
+        max_bytes,
+    )
+
+
+def add_counts(db: sqlite3.Connection, counts: dict[str, int]) -> None:
+    """Add to the file's lifetime counters (``dropped``, ``evicted``)."""
+    for name, n in counts.items():
+        if n:
+            db.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                (name, n),
+            )

@@ -144,7 +144,7 @@ def quick_resends(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _delivered(device: DeviceAgent, count: int) -> Callable[[], bool]:
     box = device.outbox
-    return lambda: box is not None and len(box) == 0 and box.unreceipted == count
+    return lambda: box is not None and len(box) == 0 and box.backlog().unreceipted == count
 
 
 async def test_an_update_acknowledged_with_no_gateway_listening_is_sent_again_on_a_new_session(
@@ -168,7 +168,7 @@ async def test_an_update_acknowledged_with_no_gateway_listening_is_sent_again_on
         await until(lambda: not device.connected, 10)
         link["up"] = True
         await until(lambda: len(node.updates) == 2, 20)
-        assert box.unreceipted == 1
+        assert box.backlog().unreceipted == 1
         await node.model(1, receipts={DEV: (box.incarnation, 0)})
         await until(lambda: not box.peek(), 10)
         link["up"] = False
@@ -233,7 +233,7 @@ async def test_updates_lost_by_a_restarted_broker_reach_the_gateway_late_and_lea
                 await node.model(3, deadline_s=0.5)
                 await until(lambda: {u.seq for u in node.updates} == {0, 1, 2}, 20)
                 box = device.outbox
-                assert box is not None and box.unreceipted == 3
+                assert box is not None and box.backlog().unreceipted == 3
                 await node.model(4, receipts={DEV: (box.incarnation, 1)}, deadline_s=60)
                 await until(lambda: device.rounds_trained == 4 and len(box.peek()) == 2, 20)
                 assert [e.seq for e in box.peek()] == [2, 3]
@@ -297,7 +297,7 @@ async def test_a_device_on_a_full_disk_keeps_training_and_a_restart_starts(
             box = device.outbox
             assert box is not None
             await until(lambda: len(box) == 0, 10)
-            kept = box.unreceipted
+            kept = box.backlog().unreceipted
             assert 3 <= kept < rounds and box.evicted == rounds - kept and box.dropped == 0
         (full,) = caplog.records  # one line for a spell; no traceback, no exit
         assert "disk is full" in full.getMessage()

@@ -36,7 +36,7 @@ def test_entries_come_back_oldest_first_after_reopen(tmp_path: Path) -> None:
         ids = [box.put(f"t/{i}", bytes([i]) * (i + 1)) for i in range(5)]
         assert ids == sorted(ids)
         assert len(box) == 5
-        assert box.bytes == sum(range(1, 6))
+        assert box.backlog().bytes == sum(range(1, 6))
     with Outbox(path) as box:
         entries = box.peek(limit=3)
         assert [e.topic for e in entries] == ["t/0", "t/1", "t/2"]
@@ -57,7 +57,7 @@ def test_ack_removes_exactly_that_entry_and_unknown_ids_are_ignored(tmp_path: Pa
         a, b, c = (box.put("t", p) for p in (b"a", b"bb", b"ccc"))
         box.ack(b)
         assert [e.id for e in box.peek()] == [a, c]
-        assert box.bytes == 4
+        assert box.backlog().bytes == 4
         box.ack(b)
         box.ack(12345)
         assert len(box) == 2
@@ -114,7 +114,7 @@ def test_byte_cap_drops_as_many_oldest_as_needed(tmp_path: Path) -> None:
             box.put("t", b"x" * 30)  # 90 bytes
         box.put("t", b"y" * 70)  # 160 -> drop two oldest -> 100
         assert len(box) == 2
-        assert box.bytes == 100
+        assert box.backlog().bytes == 100
         assert box.dropped == 2
         assert box.peek()[-1].payload == b"y" * 70
 
@@ -261,7 +261,7 @@ def test_a_delivered_entry_stays_until_a_receipt_of_this_incarnation_covers_its_
         a, b, c = _three(box)
         box.mark_delivered(a)
         box.mark_delivered(b)
-        assert (len(box), box.unreceipted, box.bytes) == (1, 2, 2)
+        assert (len(box), box.backlog().unreceipted, box.backlog().bytes) == (1, 2, 2)
         assert [(e.seq, e.deliveries) for e in box.peek()] == [(0, 1), (1, 1), (2, 0)]
         assert box.settle("dev", box.incarnation + 1, 5) == 0  # an earlier file's receipt
         assert box.settle("other", box.incarnation, 5) == 0
@@ -280,7 +280,7 @@ def test_an_entry_stored_without_a_seq_leaves_at_its_puback(tmp_path: Path) -> N
     with Outbox(tmp_path / "o.db") as box:
         entry_id = box.put("t", b"sync")
         box.mark_delivered(entry_id)
-        assert box.peek() == [] and box.unreceipted == 0
+        assert box.peek() == [] and box.backlog().unreceipted == 0
 
 
 def test_due_holds_the_undelivered_the_earlier_session_and_the_late_receipts(
@@ -425,7 +425,7 @@ def test_a_full_disk_drops_the_oldest_to_make_room_and_logs_one_error(
             box.set_state("progress", b"p" * 20_000)
             entry_id, _ = box.put_with_seq("dev", "t", lambda s: os.urandom(20_000))
             box.mark_delivered(entry_id)
-        kept = box.unreceipted
+        kept = box.backlog().unreceipted
         assert 3 <= kept < 12 and box.evicted == 30 - kept and box.dropped == 0
         assert [e.seq for e in box.peek(100)] == list(range(30 - kept, 30))
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -480,10 +480,10 @@ def test_on_a_1_mib_disk_rounds_go_on_keeping_what_fits_and_a_restart_opens_it(
                 box.set_state("progress", os.urandom(100_000))
                 entry_id, _ = box.put_with_seq("dev", "t", lambda s: os.urandom(25_000))
                 box.mark_delivered(entry_id)
-            kept = box.unreceipted
+            kept = box.backlog().unreceipted
             assert 10 <= kept < 40 and box.evicted == 40 - kept
         with Outbox(path) as box:  # even with the disk full to the last page
-            assert box.unreceipted == kept and box.next_seq("dev") == 40
+            assert box.backlog().unreceipted == kept and box.next_seq("dev") == 40
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) <= 2
 
 
