@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgeflError
-from .supervise import wait_event
+from .supervise import bounded, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def serve_embedded(host: str, port: int, parent_pid: int | None = None) -> None:
                 await wait_event(stop, 1.0)
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(broker.shutdown(), 5.0)
+                await bounded(broker.shutdown(), 5.0)
 
     asyncio.run(serve())
 

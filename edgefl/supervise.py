@@ -41,6 +41,24 @@ async def all_completed(*coros: Coroutine[Any, Any, Any]) -> list[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def bounded(coro: Coroutine[Any, Any, Any], timeout: float) -> bool:
+    """Run ``coro`` for at most ``timeout`` seconds; True if it finished in time (its
+    failure is raised), False if it was cancelled for being late.
+
+    Not ``asyncio.wait_for``, for the reason given in ``wait_event``.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if done:
+        task.result()
+    return bool(done)
+
+
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     """Wait for ``event`` at most ``timeout`` seconds; True if it is set.
 

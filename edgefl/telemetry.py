@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 
 from .topics import Topics
-from .transport import AnyTransport, NotConnected, PublishTimeout, Will
+from .transport import LOST, AnyTransport, Will
 from .wire import MetricValue, Status, encode_metrics, encode_status
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Telemetry:
             await self.transport.publish(
                 self.topics.status(self.parent, self.sender), encode_status(status), retain=True
             )
-        except (NotConnected, PublishTimeout) as exc:
+        except LOST as exc:
             log.debug("%s: status not sent: %s", self.sender, exc)
             return False
         return True
@@ -69,7 +69,7 @@ class Telemetry:
             await self.transport.publish(
                 self.topics.metrics(self.role, self.sender), payload, qos=0
             )
-        except (NotConnected, PublishTimeout) as exc:
+        except LOST as exc:
             log.debug("%s: metrics not sent: %s", self.sender, exc)
             return False
         return True

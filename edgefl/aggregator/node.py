@@ -23,7 +23,7 @@ from ..params import Params, num_parameters
 from ..profiles import OsReader
 from ..robust import NormWindow
 from ..signing import load_private_key, load_public_key
-from ..supervise import first_completed
+from ..supervise import bounded, first_completed
 from ..tasks import Task, load_task, set_torch_threads
 from ..telemetry import Telemetry, last_will
 from ..topics import Topics
@@ -201,8 +201,8 @@ class Aggregator:
     async def __aexit__(self, *exc: object) -> None:
         try:
             if self.transport.connected:
-                with contextlib.suppress(*LOST, asyncio.TimeoutError):
-                    await asyncio.wait_for(self.telemetry.offline(), GOODBYE_TIMEOUT_S)
+                with contextlib.suppress(*LOST):
+                    await bounded(self.telemetry.offline(), GOODBYE_TIMEOUT_S)
         finally:
             await self.transport.close()
             if self.link is not None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..outbox import Outbox
 from ..topics import Topics
-from ..transport import AnyTransport, NotConnected, PublishTimeout
+from ..transport import LOST, AnyTransport
 from ..wire import Model, encode_update, sign
 from .sync import ParentSync, Verdict
 
@@ -168,7 +168,7 @@ class ParentLink:
                         await self.transport.publish(entry.topic, entry.payload)
                         await asyncio.to_thread(outbox.ack, entry.id)
                         self._queued.discard(entry.id)
-                except (NotConnected, PublishTimeout) as exc:
+                except LOST as exc:
                     log.debug("%s: sync not delivered yet: %s", self.node, exc)
                     await asyncio.sleep(self.retry_s)
                 await self._requeue()

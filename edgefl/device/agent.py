@@ -23,7 +23,7 @@ from ..config import ConfigError, DeviceSettings
 from ..outbox import Outbox
 from ..profiles import Decision, Reading, UplinkEstimator
 from ..signing import check_model, load_public_key
-from ..supervise import first_completed, wait_event
+from ..supervise import bounded, first_completed, wait_event
 from ..tasks import DeviceData, Task, load_task, set_torch_threads
 from ..tasks.training import accepts_should_stop
 from ..telemetry import Telemetry, last_will
@@ -221,12 +221,12 @@ class DeviceAgent:
                 self.transport = None
                 if self._online is None or self._online():  # a stop, not a lost link
                     with contextlib.suppress(*LOST):
-                        await asyncio.wait_for(telemetry.offline(), GOODBYE_TIMEOUT_S)
+                        await bounded(telemetry.offline(), GOODBYE_TIMEOUT_S)
                 else:
                     # A simulated link loss ends the session cleanly, so the broker
                     # would not fire our will: publish it as the broker would have.
                     with contextlib.suppress(*LOST):
-                        await asyncio.wait_for(
+                        await bounded(
                             transport.publish(will.topic, will.payload, retain=True),
                             GOODBYE_TIMEOUT_S,
                         )
