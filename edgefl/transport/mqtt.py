@@ -151,7 +151,7 @@ class Transport(Link):
             **self._session_options(),
             queue_type=_handoff(self._deliver),
             keepalive=s.keepalive_s,
-            timeout=max(10.0, s.publish_timeout_s),
+            timeout=s.connect_timeout_s,  # publishes and subscribes bound their own waits
             max_inflight_messages=s.max_inflight,
             tls_context=tls_context(s),
             tls_insecure=s.tls_insecure if s.ca_file else None,

@@ -25,9 +25,15 @@ class FakeBroker:
     before acknowledging it (``None``: never). Each SUBACK is followed by ``GREETING``."""
 
     def __init__(
-        self, subacks: list[float | None] | None = None, *, puback: bool = True, cut: bool = False
+        self,
+        subacks: list[float | None] | None = None,
+        *,
+        puback: bool = True,
+        cut: bool = False,
+        connack: bool = True,
     ) -> None:
         self.subacks = list(subacks or [])
+        self.connack = connack  # False: accept the TCP connection, never answer CONNECT
         self.puback = puback
         self.cut = cut  # drop the connection on the first PUBLISH
         self.connections = 0
@@ -62,7 +68,7 @@ class FakeBroker:
 
     def _answer(self, head: int, body: bytes, writer: asyncio.StreamWriter) -> bool:
         kind = head >> 4
-        if kind == 1:  # CONNECT
+        if kind == 1 and self.connack:  # CONNECT
             writer.write(b"\x20\x02\x00\x00")
         elif kind == 8:  # SUBSCRIBE (one filter)
             self.subscribes += 1
@@ -88,6 +94,20 @@ async def _first(transport: Transport) -> bytes:
         async for message in transport.messages():
             return message.payload
     raise AssertionError("messages() ended")
+
+
+async def test_a_broker_that_never_answers_connect_is_dialled_again_after_the_connect_timeout() -> (
+    None
+):
+    broker = FakeBroker(connack=False)
+    async with broker.running() as settings:
+        settings = settings.model_copy(update={"connect_timeout_s": 0.2, "publish_timeout_s": 60})
+        async with Transport(settings, client_id="c"):
+            # The connect timeout, not the publish timeout, bounds the wait for a CONNACK.
+            async with within(15):
+                while broker.connections < 3:
+                    await asyncio.sleep(0.02)
+    assert broker.connections >= 3
 
 
 async def test_a_subscribe_the_broker_never_acknowledges_is_sent_again() -> None:
