@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from .errors import EdgeflError
+from .profiles.energy import Board
 from .robust import Rule
 from .topics import ID_RE, Topics
 from .wire import TrainConfig
@@ -56,9 +57,6 @@ class MqttSettings(_Section):
     )
     max_inflight: int = Field(16, ge=1, le=1000, description="QoS 1 publishes in flight")
     publish_timeout_s: float = Field(30.0, gt=0, description="give up waiting for a PUBACK")
-    connect_timeout_s: float = Field(
-        10.0, gt=0, le=300, description="give up waiting for a CONNACK, then dial again"
-    )
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
     reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
 
@@ -95,6 +93,35 @@ class PolicySettings(_Section):
     )
     max_temp_c: float = Field(80.0, description="skip rounds above this CPU temperature")
     min_uplink_kbps: float = Field(0.0, ge=0, description="and enough to upload by the deadline")
+    prefer_charging: bool = Field(
+        False, description="on battery, train only at charged_battery or above"
+    )
+    charged_battery: float = Field(0.9, ge=0, le=1, description="the level prefer_charging needs")
+    max_rounds_per_hour: int = Field(
+        0, ge=0, description="duty cycle: most rounds a device trains in any hour (0: no cap)"
+    )
+    daily_energy_j: float = Field(
+        0.0, ge=0, description="most joules a device spends on rounds in any 24 h (0: no budget)"
+    )
+
+
+class EnergySettings(_Section):
+    """The power model of a round: the board's published figures, or your own."""
+
+    board: Board = Field("pi4", description="pi4, pi5, jetson-orin-nano or phone")
+    train_w: float | None = Field(None, ge=0, description="watts while training (board's)")
+    up_j_per_mb: float | None = Field(None, ge=0, description="joules per MB sent (board's)")
+    down_j_per_mb: float | None = Field(None, ge=0, description="joules per MB received (board's)")
+
+
+class InferenceSettings(_Section):
+    """Predictions from the newest model, for applications on the board."""
+
+    port: int = Field(
+        0, ge=0, le=65535, description="serve POST /predict on 127.0.0.1:PORT (0: off)"
+    )
+    int8: bool = Field(False, description="int8 dynamic quantization of Linear layers")
+    max_batch: int = Field(256, ge=1, le=65536, description="most rows in one request")
 
 
 class _RoleSettings(BaseSettings):
@@ -154,6 +181,8 @@ class DeviceSettings(_RoleSettings):
     min_batch_size: int = Field(8, ge=1, description="smallest batch size a model may ask for")
     max_train_s: float = Field(300.0, gt=0, description="a round's training is stopped after this")
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    energy: EnergySettings = Field(default_factory=EnergySettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
 
 
 class AggregatorSettings(_RoleSettings):
@@ -173,6 +202,9 @@ class AggregatorSettings(_RoleSettings):
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
     sync_every: int = Field(1, ge=1, description="sync with the parent every K local rounds")
+    min_round_interval_s: float = Field(
+        0.0, ge=0, description="a round opens no earlier than this after the previous one opened"
+    )
     max_staleness: int = Field(4, ge=0, description="reject updates older than this")
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     staleness_a: float = Field(0.5, ge=0)

@@ -41,6 +41,12 @@ class Driver:
 
     def __init__(self, node: Aggregator) -> None:
         self.node = node
+        self.last_opened = -math.inf  # when the latest round opened, on the node's clock
+
+    @property
+    def opens_at(self) -> float:
+        """The earliest time the next round may open: ``min_round_interval_s`` pacing."""
+        return self.last_opened + self.node.settings.min_round_interval_s
 
     async def drive(self) -> None:
         node = self.node
@@ -69,19 +75,18 @@ class Driver:
             if reason is not None:
                 await self.close(reason)
                 return
-            if rnd.expired(now):
+            if rnd.expired(now) and now >= self.opens_at:
                 await self.announce(again=True)
                 return
             if node._announce_due:
                 await self.publish_model()
-        elif now >= node._wait_until:
+        elif now >= max(node._wait_until, self.opens_at):
             await self.announce()
             return
         if node._status_due or now >= node._heartbeat_at:
             await node._heartbeat()
-        wake_at = min(
-            node.round.deadline if rnd.announced else node._wait_until, node._heartbeat_at
-        )
+        due = node.round.deadline if rnd.announced else node._wait_until
+        wake_at = min(max(due, self.opens_at), node._heartbeat_at)
         await wait_event(node._wake, max(0.0, wake_at - node.clock()) + 0.01)
 
     async def announce(self, *, again: bool = False) -> None:
@@ -93,6 +98,8 @@ class Driver:
         """
         node = self.node
         s = node.settings
+        if node.clock() < self.opens_at:
+            return  # paced: the driver's step opens it at opens_at
         if again:
             old = node.round
             node.children.round_closed(
@@ -114,6 +121,7 @@ class Driver:
         rnd.selected = chosen
         rnd.version = node.version
         rnd.deadline = now + s.train.deadline_s
+        self.last_opened = now
         if not again:
             rnd.opened_at = now
         rnd.reannounced += again

@@ -215,9 +215,12 @@ def test_reasons_are_the_documented_stable_strings() -> None:
     assert REASONS == (
         "ok",
         "battery_low",
+        "not_charging",
         "link_not_allowed",
         "too_hot",
         "low_memory",
+        "duty_cycle",
+        "energy_budget",
         "uplink_too_slow",
     )
 
