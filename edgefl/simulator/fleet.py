@@ -29,7 +29,7 @@ from ..wire import Model, Rejected, decode_metrics, encode_model, model_tensors
 from . import SimulationError
 from .devices import warm_up
 from .history import History, summarize
-from .progress import Progress
+from .progress import ProgressView
 from .report import plot_history, print_summary, write_history, write_summary
 from .scenario import Scenario, describe
 from .workers import (
@@ -75,7 +75,7 @@ class _Run:
     state_dir: Path
     history: History
     pool: WorkerPool
-    progress: Progress
+    progress: ProgressView
     task: Any
     stopped: str = "done"
 
@@ -118,7 +118,7 @@ def run_simulation(
         pool = WorkerPool(specs)
         history = History(devices=len(plans), gateways=scenario.fleet.gateways, started=started)
         title = f"{describe(scenario)}; {len(specs)} workers, broker {broker_kind} {url}"
-        progress = Progress(scenario.rounds, plain=plain, title=title, quiet=quiet)
+        progress = ProgressView(scenario.rounds, plain=plain, title=title, quiet=quiet)
         run = _Run(scenario, url, state_dir, history, pool, progress, task)
         try:
             pool.start()

@@ -28,7 +28,7 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     return "  ".join(p for p in parts if p)
 
 
-class Progress:
+class ProgressView:
     """A context manager: ``update(row)`` per cloud round, ``note(text)`` for events."""
 
     def __init__(self, rounds: int, *, plain: bool, title: str = "", quiet: bool = False) -> None:
@@ -39,7 +39,7 @@ class Progress:
         self._bar: Any = None
         self._task: Any = None
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> ProgressView:
         if self.plain:
             if self.title and not self.quiet:
                 print(self.title, flush=True)
