@@ -1,7 +1,7 @@
-"""The built-in task: scikit-learn's 8x8 digits with an MLP or a small separable CNN.
+"""The built-in task: the 8x8 handwritten digits with an MLP or a small separable CNN.
 
-The data ships inside the scikit-learn wheel, so nothing is ever downloaded.
-Every device of a task shares one copy of the arrays and holds only its indices.
+The data ships in this package (``edgefl/data/digits.npz``), so nothing is ever
+downloaded. Every device of a task shares one copy of the arrays and holds only its indices.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from ..params import Params, Spec, from_module, spec_of
 from ..wire import TrainConfig
 from .base import DeviceData, TrainResult
-from .partition import partition_dirichlet, partition_iid, partition_shards
+from .partition import partition_dirichlet, partition_iid, partition_shards, split_holdout
 from .training import evaluate_module, seeded_module, train_module
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,18 @@ class DigitsCNN(nn.Module):
 _BUILDERS: dict[str, type[nn.Module]] = {"mlp": DigitsMLP, "cnn": DigitsCNN}
 
 
+#: The shipped data: 1797 images of 64 pixel counts (0..16) and their labels, uint8;
+#: written by tools/digits_data.py from scikit-learn's copy.
+DATA_FILE = Path(__file__).resolve().parent.parent / "data" / "digits.npz"
+
+
+@functools.lru_cache(maxsize=1)
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` from the shipped file: uint8 arrays of shapes (1797, 64), (1797,)."""
+    with np.load(DATA_FILE) as npz:
+        return npz["images"], npz["labels"]
+
+
 @functools.lru_cache(maxsize=4)
 def load_split(
     test_fraction: float,
@@ -77,21 +90,11 @@ def load_split(
     Stratified by label with a fixed seed; cached so that every task in a
     process shares one copy.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=SPLIT_SEED, stratify=y
-    )
-    return (
-        torch.from_numpy(np.ascontiguousarray(x_tr)),
-        torch.from_numpy(np.ascontiguousarray(y_tr)),
-        torch.from_numpy(np.ascontiguousarray(x_te)),
-        torch.from_numpy(np.ascontiguousarray(y_te)),
-    )
+    images, labels = load_digits()
+    train, test = split_holdout(labels, test_fraction, SPLIT_SEED)
+    x = torch.from_numpy(images).float().div_(16.0)
+    y = torch.from_numpy(labels).long()
+    return x[train], y[train], x[test], y[test]
 
 
 class DigitsTask:

@@ -1,4 +1,4 @@
-"""Splitting a labelled training set over devices: IID, Dirichlet(alpha) and label shards.
+"""Splitting a labelled data set: the held-out split, then over devices IID, Dirichlet, shards.
 
 Pure functions of (labels, shard count, settings, seed): every sample lands in
 exactly one shard, no shard is empty, and the same seed gives the same split.
@@ -8,6 +8,7 @@ They never look at the inputs, only at the labels.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -15,6 +16,31 @@ log = logging.getLogger(__name__)
 
 #: How often the Dirichlet split is drawn again before small shards are topped up.
 DIRICHLET_REDRAWS = 100
+
+
+def split_holdout(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train, test)`` row indices, stratified: each label keeps its share in both.
+
+    The test set has ``ceil(test_fraction * n)`` rows, dealt to the labels by
+    largest remainder, drawn at random within each label.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    n_test = math.ceil(test_fraction * len(labels))
+    exact = counts * (n_test / len(labels))
+    take = np.floor(exact).astype(np.int64)
+    short = n_test - int(take.sum())
+    take[np.argsort(-(exact - take), kind="stable")[:short]] += 1
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in classes]
+    held = np.sort(
+        np.concatenate([rng.permutation(m)[:k] for m, k in zip(by_class, take, strict=True)])
+    )
+    return np.setdiff1d(np.arange(len(labels)), held), held
 
 
 def partition_iid(labels: np.ndarray, num_shards: int, seed: int) -> list[np.ndarray]:

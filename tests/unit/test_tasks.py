@@ -21,7 +21,8 @@ from edgefl.tasks import (
     partition_iid,
     partition_shards,
 )
-from edgefl.tasks.digits import DigitsTask
+from edgefl.tasks.digits import DigitsTask, load_digits
+from edgefl.tasks.partition import split_holdout
 from edgefl.wire import TrainConfig
 
 FAST = TrainConfig(epochs=5, batch_size=16, lr=0.1, momentum=0.9)
@@ -41,6 +42,32 @@ def _label_entropy(labels: np.ndarray, shard: np.ndarray) -> float:
     counts = np.bincount(labels[shard], minlength=10)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+# ------------------------------------------------------------------ the data
+
+
+def test_shipped_digits_are_scikit_learns_digits_exactly() -> None:
+    datasets = pytest.importorskip("sklearn.datasets")
+    reference = datasets.load_digits()
+    images, labels = load_digits()
+    assert images.dtype == labels.dtype == np.uint8
+    assert images.shape == (1797, 64)
+    np.testing.assert_array_equal(images, reference.data)
+    np.testing.assert_array_equal(labels, reference.target)
+
+
+def test_holdout_split_is_stratified_disjoint_and_sized_like_a_ceiling() -> None:
+    _, labels = load_digits()
+    train, test = split_holdout(labels, 0.2, 0)
+    assert len(test) == math.ceil(0.2 * len(labels)) == 360
+    assert len(train) + len(test) == len(labels)
+    assert np.intersect1d(train, test).size == 0
+    share = np.bincount(labels[test], minlength=10) / np.bincount(labels, minlength=10)
+    assert np.all(np.abs(share - 0.2) < 0.02)
+    again = split_holdout(labels, 0.2, 0)
+    assert np.array_equal(again[1], test)
+    assert not np.array_equal(split_holdout(labels, 0.2, 1)[1], test)
 
 
 # ------------------------------------------------------------------ partitions
