@@ -57,6 +57,9 @@ class MqttSettings(_Section):
     )
     max_inflight: int = Field(16, ge=1, le=1000, description="QoS 1 publishes in flight")
     publish_timeout_s: float = Field(30.0, gt=0, description="give up waiting for a PUBACK")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="give up waiting for a CONNACK, then dial again"
+    )
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
     reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
 
