@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fake_broker import FakeBroker
 from timeouts import within
 
-from edgefl import quant, wire
+from edgefl import codecs, wire
 from edgefl.broker import RunningBroker, start_mosquitto
 from edgefl.config import DeviceSettings, MqttSettings
 from edgefl.device import DeviceAgent
@@ -222,7 +223,7 @@ async def test_agent_trains_its_shard_and_the_update_lowers_the_loss(
     n = len(task.device_data(0, SHARDS))
     assert (update.sender, update.seq, update.round, update.base, update.n) == (DEV, 0, 1, 3, n)
     wire.verify(update, bytes.fromhex(KEY))
-    trained = add(params, quant.dequantize_params(update.tensors))
+    trained = add(params, codecs.decode_params(update.tensors))
     before, after = loss_on(task, params), loss_on(task, trained)
     assert after < before - 0.05, (before, after)
     # loss_before is estimated on up to 256 samples of the shard: close, not exact.
@@ -502,51 +503,20 @@ async def test_sigterm_during_training_exits_fast_and_leaves_the_outbox_consiste
         assert len(box) == 0 and box.next_seq(DEV) == 0  # no entry, no seq spent
 
 
-async def _fake_broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Speaks just enough MQTT 3.1.1 to connect and subscribe; never acknowledges a publish."""
-    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-        while True:
-            head = (await reader.readexactly(1))[0]
-            length, shift = 0, 0
-            while True:
-                byte = (await reader.readexactly(1))[0]
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
-            body = await reader.readexactly(length)
-            kind = head >> 4
-            if kind == 1:  # CONNECT
-                writer.write(b"\x20\x02\x00\x00")
-            elif kind == 8:  # SUBSCRIBE: one granted QoS 1 per filter
-                filters, i = 0, 2
-                while i < len(body):
-                    i += 2 + int.from_bytes(body[i : i + 2], "big") + 1
-                    filters += 1
-                writer.write(bytes([0x90, 2 + filters]) + body[:2] + b"\x01" * filters)
-            elif kind == 12:  # PINGREQ
-                writer.write(b"\xd0\x00")
-            await writer.drain()
-
-
 async def test_an_unacknowledged_update_stays_buffered_and_the_agent_keeps_running(
     tmp_path: Path, task: Task
 ) -> None:
-    server = await asyncio.start_server(_fake_broker, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    settings = device_settings(f"127.0.0.1:{port}", tmp_path)
-    settings.mqtt.publish_timeout_s = 0.5
     with Outbox(tmp_path / f"device-{DEV}.db") as box:
         box.put_with_seq(DEV, TOPICS.update(GW, DEV), lambda seq: _update_bytes(seq, b"\x01" * 64))
-    agent = DeviceAgent(settings, task)
-    try:
+    async with FakeBroker(puback=False, greeting=b"").running() as mqtt:
+        settings = device_settings(mqtt.broker, tmp_path)
+        settings.mqtt.publish_timeout_s = 0.5
+        agent = DeviceAgent(settings, task)
         async with serving(agent):
             async with within(10):
                 while not agent.outbox or agent.outbox.peek(1)[0].attempts < 2:
                     await asyncio.sleep(0.1)
             assert len(agent.outbox) == 1
-    finally:
-        server.close()
 
 
 @pytest.mark.cuda
@@ -564,5 +534,5 @@ async def test_cuda_fp16_training_sends_an_update_that_lowers_the_loss(
         await gw.until(lambda: bool(gw.updates) and bool(gw.rounds()), 60)
     (record,) = gw.rounds()
     assert record["mixed_precision"] == 1.0 and record["peak_mem_mb"] > 0
-    trained = add(params, quant.dequantize_params(gw.updates[0].tensors))
+    trained = add(params, codecs.decode_params(gw.updates[0].tensors))
     assert loss_on(task, trained) < loss_on(task, params) - 0.05
