@@ -50,7 +50,7 @@ def sequential_loop(name: str) -> dict[str, Any]:
     from edgefl.fedavg import StreamingAverage
     from edgefl.params import add
     from edgefl.quant import ErrorFeedback
-    from edgefl.simulator.scenario import load_scenario
+    from edgefl.simulator.scenario_file import load_scenario
     from edgefl.tasks import load_task, set_torch_threads
     from edgefl.wire import TrainConfig
 
@@ -224,7 +224,7 @@ def bench_scale(tmp: Path) -> bool:
 
 def bench_bandwidth(tmp: Path) -> bool:
     from edgefl.simulator.fleet import run_simulation
-    from edgefl.simulator.scenario import load_scenario
+    from edgefl.simulator.scenario_file import load_scenario
 
     results = {}
     for dtype in ("u8", "f32"):

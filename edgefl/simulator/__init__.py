@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     """Load the scenario, run the fleet, print and write the report."""
     from ..cli import setup_logging
     from ..config import ConfigError
-    from .scenario import load_scenario
+    from .scenario_file import load_scenario
 
     broker = args.broker
     if broker not in BROKER_CHOICES and not HOST_PORT.match(broker):

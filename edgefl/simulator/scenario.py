@@ -7,9 +7,7 @@ and validates; drawing a fleet is a pure function of the scenario and its seed.
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +19,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from ..config import AggregatorSettings, ConfigError, DeviceSettings, describe_error
 from ..profiles import Dist, ProfileSpec, SimProfile, draw_profile
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 #: Settings the simulator owns: a scenario may not set them per tier.
 RESERVED = {
@@ -305,82 +298,6 @@ def _isolated(cls: type[BaseSettings]) -> type[BaseSettings]:
     return Isolated
 
 
-# ---------------------------------------------------------------- loading
-
-
-def repo_scenarios() -> Path:
-    """``simulators/`` of the source tree this package runs from."""
-    return Path(__file__).resolve().parents[2] / "simulators"
-
-
-#: A copy of simulators/default.toml shipped in the wheel (a test keeps them equal).
-PACKAGED_DEFAULT = Path(__file__).resolve().parent.parent / "data" / "simulator-default.toml"
-
-
-def resolve(path: str | os.PathLike[str] | None) -> Path | None:
-    """The scenario file to load: as given, else under ``simulators/``.
-
-    ``None`` is ``simulators/default.toml``, or its packaged copy when the
-    package is installed without the repository (else the schema's defaults).
-    """
-    if path is None:
-        for default in (repo_scenarios() / "default.toml", PACKAGED_DEFAULT):
-            if default.is_file():
-                return default
-        return None
-    given = Path(path)
-    if given.is_file():
-        return given
-    for candidate in (repo_scenarios() / given, repo_scenarios() / f"{given}.toml"):
-        if given.parent == Path(".") and candidate.is_file():
-            return candidate
-    raise ConfigError(f"scenario {str(path)!r} not found (looked in . and {repo_scenarios()})")
-
-
-def load_scenario(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Scenario:
-    """Parse and validate a scenario file, then apply ``overrides`` (dotted keys allowed).
-
-    Raises ``ConfigError`` with one readable line on any problem.
-    """
-    found = resolve(path)
-    doc: dict[str, Any] = {}
-    if found is not None:
-        try:
-            doc = tomllib.loads(found.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{found}: {exc}".splitlines()[0]) from None
-        doc.setdefault("name", "default" if found == PACKAGED_DEFAULT else found.stem)
-        _anchor_traces(doc, found.parent)
-    for dotted, value in overrides.items():
-        _set(doc, dotted, value)
-    try:
-        return Scenario.model_validate(doc)
-    except ValidationError as exc:
-        raise ConfigError(_one_line(exc, found)) from None
-
-
-def _one_line(exc: ValidationError, path: Path | None) -> str:
-    # The model validator's own messages already say where: drop pydantic's prefix.
-    text = describe_error(exc, path)
-    return text.replace("settings: Value error, ", "").replace("Value error, ", "")
-
-
-def _anchor_traces(doc: dict[str, Any], base: Path) -> None:
-    """Trace paths in a scenario are relative to the scenario file."""
-    for cohort in doc.get("profiles", []):
-        if isinstance(cohort, dict) and isinstance(cohort.get("trace"), str):
-            trace = Path(cohort["trace"])
-            cohort["trace"] = str(trace if trace.is_absolute() else base / trace)
-
-
-def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = doc
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-
-
 def describe(scenario: Scenario) -> str:
     """One line: the fleet at a glance."""
     counts = scenario.devices_per_gateway()
@@ -402,5 +319,4 @@ __all__ = [
     "TaskSpec",
     "assign_cohorts",
     "derive_seed",
-    "load_scenario",
 ]

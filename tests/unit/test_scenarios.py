@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefl.simulator.scenario import load_scenario
+from edgefl.simulator.scenario_file import load_scenario
 
 SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "simulators").glob("*.toml"))
 
@@ -57,7 +57,7 @@ def test_flaky_scenario_drops_a_third_of_its_devices() -> None:
 
 
 def test_the_packaged_default_is_the_repository_default() -> None:
-    from edgefl.simulator.scenario import PACKAGED_DEFAULT
+    from edgefl.simulator.scenario_file import PACKAGED_DEFAULT
 
     repo = Path(__file__).resolve().parents[2] / "simulators" / "default.toml"
     assert PACKAGED_DEFAULT.read_bytes() == repo.read_bytes()

@@ -9,12 +9,8 @@ import pytest
 from edgefl.cli import main as cli_main
 from edgefl.config import ConfigError
 from edgefl.simulator import overrides_from_args
-from edgefl.simulator.scenario import (
-    Scenario,
-    assign_cohorts,
-    derive_seed,
-    load_scenario,
-)
+from edgefl.simulator.scenario import Scenario, assign_cohorts, derive_seed
+from edgefl.simulator.scenario_file import load_scenario
 from edgefl.tasks import load_task
 
 
