@@ -1,4 +1,5 @@
-"""The ``edgefl`` command: device, gateway, cloud, simulate, broker, monitor, credentials.
+"""The ``edgefl`` command: device, gateway, cloud, simulate, broker, monitor, dashboard,
+credentials.
 
 Flags of the role commands are generated from the settings models, so ``--help``,
 TOML files and ``EDGEFL_`` variables never disagree. Bad input: one line, exit 2.
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module, text in (
         ("simulator", "simulate a whole fleet on this machine"),
         ("monitor", "live view of a fleet's metrics and status topics"),
+        ("dashboard", "the fleet in a web page, live from its metrics and status topics"),
         ("broker", "start a local broker (Mosquitto, or the embedded one)"),
         ("credentials", "create broker passwords and update-signing keys"),
     ):
