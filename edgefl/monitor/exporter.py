@@ -48,6 +48,9 @@ class FleetCollector:
         for n in nodes:
             values = [n.id, n.tier]
             for name, value in n.figures.items():
+                if name not in figures:  # a byte counter the node adds (state bounds them)
+                    help_ = f"{name} the node reported for its last round"
+                    figures[name] = GaugeMetricFamily(f"edgefl_{name}", help_, labels=labels)
                 figures[name].add_metric(values, value)
             if n.online is not None:
                 online.add_metric(values, float(n.online))
