@@ -95,10 +95,8 @@ def acl_rules(
 
 
 def _node_rules(t: Topics, node_id: str) -> list[str]:
-    model, chunks = t.model_filters(node_id)
     return [
-        f"topic write {model}",
-        f"topic write {chunks}",
+        *(f"topic write {f}" for f in t.downlink(node_id)),
         f"topic read {t.updates_of(node_id)}",
         f"topic read {t.statuses_of(node_id)}",
     ]
@@ -109,7 +107,7 @@ def _child_rules(prefix: str, node_id: str, parent: str) -> list[str]:
     return [
         f"topic write {t.update(parent, node_id)}",
         f"topic write {t.status(parent, node_id)}",
-        *(f"topic read {f}" for f in t.model_filters(parent)),
+        *(f"topic read {f}" for f in t.downlink(parent)),
     ]
 
 
@@ -342,7 +340,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "its HMAC key (devices, gateways) and its Ed25519 model key (gateways, the cloud), "
         "then print the config lines to paste.",
     )
-    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument(
+        "--role", required=True, choices=ROLES, help=f"the node's role: {', '.join(ROLES)}"
+    )
     p.add_argument("--id", dest="node_id", help="node id (default for --role cloud: cloud)")
     p.add_argument(
         "--parent",

@@ -1,21 +1,25 @@
 """Model authenticity: Ed25519 keys, model signatures, and the checks a child makes on a model.
 
-A node signs every Model it publishes; its children verify it under the node's
-public key and refuse versions that go back or leap ahead. Pure functions over
+A node signs every Announcement, Delta and Model it publishes; its children verify
+them under the node's public key and refuse versions that go back or leap ahead. Pure functions over
 wire objects and hex strings: no files, no network, no clock.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
+import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .config import ConfigError
-from .wire import Model, Reason, Rejected
+from .wire import Announcement, Delta, Model, Reason, Rejected
+
+#: What a node signs for its children.
+Signed = TypeVar("Signed", Model, Announcement, Delta)
 
 #: An Ed25519 key, private or public, is 32 bytes: 64 hex digits.
 KEY_HEX_DIGITS = 64
@@ -45,30 +49,42 @@ def public_hex(private: Ed25519PrivateKey) -> str:
     return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
 
-def signed_body(model: Model) -> bytes:
-    """Canonical bytes a model's signature covers: every field but ``sig``, maps keys sorted."""
-    return msgpack.packb(_canonical(model.model_dump(exclude={"sig"})), use_bin_type=True)
+def signed_body(message: Model | Announcement | Delta) -> bytes:
+    """Canonical bytes a signature covers: every field but ``sig``, maps keys sorted."""
+    if isinstance(message, Delta):
+        fields = msgspec.to_builtins(message)
+        fields.pop("sig", None)
+    else:
+        fields = message.model_dump(exclude={"sig"})
+    return msgpack.packb(_canonical(fields), use_bin_type=True)
 
 
-def sign_model(model: Model, private: Ed25519PrivateKey) -> Model:
-    """``model`` with ``sig`` = the Ed25519 signature of its other fields."""
-    return model.model_copy(update={"sig": private.sign(signed_body(model))})
+def sign_model(message: Signed, private: Ed25519PrivateKey) -> Signed:
+    """``message`` with ``sig`` = the Ed25519 signature of its other fields."""
+    sig = private.sign(signed_body(message))
+    if isinstance(message, Delta):
+        return msgspec.structs.replace(message, sig=sig)
+    return message.model_copy(update={"sig": sig})
 
 
-def verify_model(model: Model, public: Ed25519PublicKey) -> None:
-    """Raise ``Rejected(bad_signature)`` unless ``model.sig`` verifies under ``public``."""
-    if model.sig is None:
-        raise Rejected(Reason.BAD_SIGNATURE, "unsigned model")
+def verify_model(message: Model | Announcement | Delta, public: Ed25519PublicKey) -> None:
+    """Raise ``Rejected(bad_signature)`` unless ``message.sig`` verifies under ``public``."""
+    if message.sig is None:
+        raise Rejected(Reason.BAD_SIGNATURE, f"unsigned {type(message).__name__.lower()}")
     try:
-        public.verify(model.sig, signed_body(model))
+        public.verify(message.sig, signed_body(message))
     except InvalidSignature:
         raise Rejected(Reason.BAD_SIGNATURE, "model signature mismatch") from None
 
 
 def check_model(
-    model: Model, *, held: int | None, public: Ed25519PublicKey | None, max_jump: int
+    model: Model | Announcement | Delta,
+    *,
+    held: int | None,
+    public: Ed25519PublicKey | None,
+    max_jump: int,
 ) -> None:
-    """What a child checks before it takes a parent's model; raises ``Rejected``.
+    """What a child checks before it takes a parent's model or round; raises ``Rejected``.
 
     With ``public`` the model must be signed under it. Its version may never be below
     ``held`` (the version the child holds; None: nothing yet). An unverified model may

@@ -7,10 +7,11 @@ Grafana read. Publishing telemetry never raises into the caller's round logic.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 
-from .topics import Topics
-from .transport import LOST, AnyTransport, Will
+from .topics import TopicError, Topics
+from .transport import LOST, AnyTransport, Will, chunk_source
 from .wire import MetricValue, Status, encode_metrics, encode_status
 
 log = logging.getLogger(__name__)
@@ -73,3 +74,51 @@ class Telemetry:
             log.debug("%s: metrics not sent: %s", self.sender, exc)
             return False
         return True
+
+
+#: The byte counters every metrics record carries: cumulative since the role started.
+BYTE_FIELDS = ("bytes_up", "bytes_down", "children_bytes_up", "children_bytes_down")
+
+
+class ByteMeter:
+    """A role's MQTT bytes (whole PUBLISH packets), by link and direction.
+
+    ``bytes_up``/``bytes_down``: on the link to its parent, what it sent (updates,
+    statuses) and received (announcements, deltas, models). ``children_bytes_*``: a
+    node's own view of the link to its children (what it received from them, what it
+    published to them once; the broker fans it out). Metrics records go to
+    ``metrics_bytes``. Set as a transport's ``meter``.
+    """
+
+    def __init__(self, topics: Topics, me: str) -> None:
+        self.topics = topics
+        self.me = me
+        self.totals: Counter[str] = Counter()
+        self._reported: Counter[str] = Counter()
+
+    def __call__(self, topic: str, size: int, sent: bool) -> None:
+        try:
+            parsed = self.topics.parse(chunk_source(topic))
+        except TopicError:
+            return
+        if parsed.kind == "metrics":
+            self.totals["metrics_bytes"] += size * sent
+            return
+        mine = parsed.node == self.me
+        if parsed.kind in ("round", "delta", "model"):
+            self.totals["children_bytes_down" if mine else "bytes_down"] += size
+        elif mine or parsed.sender == self.me:
+            self.totals["children_bytes_up" if mine else "bytes_up"] += size
+
+    def fields(self, *, parent: bool, children: bool) -> dict[str, int]:
+        """The cumulative counters, and as ``round_*`` what they grew since the last call."""
+        names = [
+            n
+            for n in BYTE_FIELDS
+            if (n.startswith("children") and children) or (not n.startswith("children") and parent)
+        ]
+        out = {n: self.totals[n] for n in names}
+        out.update({f"round_{n}": self.totals[n] - self._reported[n] for n in names})
+        out["metrics_bytes"] = self.totals["metrics_bytes"]
+        self._reported = Counter(self.totals)
+        return out

@@ -1,7 +1,8 @@
 """Every MQTT topic edgefl uses, built and parsed in this one place.
 
-A node's children publish under the node's id: ``{prefix}/{node}/update/{child}``.
-The cloud is a node whose id is ``cloud``. Never build a topic string elsewhere.
+A node's children publish under the node's id: ``{prefix}/{node}/update/{child}``;
+a node announces its rounds on ``{node}/round`` and its models on ``{node}/delta``
+and ``{node}/model``. The cloud is the node ``cloud``. Never build a topic elsewhere.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Literal
 from .errors import EdgeflError
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-Kind = Literal["model", "update", "status", "metrics"]
+Kind = Literal["round", "delta", "model", "update", "status", "metrics"]
 ROLES: tuple[str, ...] = ("device", "gateway", "cloud")
 
 
@@ -46,7 +47,16 @@ class Topics:
         if not self.prefix or any(not p or "+" in p or "#" in p for p in parts):
             raise TopicError(f"invalid topic prefix {self.prefix!r}")
 
+    def round(self, node: str) -> str:
+        """The round announcement: version, round, selection, deadline, receipts (small)."""
+        return f"{self.prefix}/{check_id(node, 'node id')}/round"
+
+    def delta(self, node: str) -> str:
+        """The latest version as a quantized delta against the one before it."""
+        return f"{self.prefix}/{check_id(node, 'node id')}/delta"
+
     def model(self, node: str) -> str:
+        """The latest version whole: for a child that joins late or missed a version."""
         return f"{self.prefix}/{check_id(node, 'node id')}/model"
 
     def update(self, node: str, sender: str) -> str:
@@ -64,6 +74,10 @@ class Topics:
     def model_filters(self, node: str) -> list[str]:
         """The model topic and its retained chunk sub-topics (large models, small brokers)."""
         return [self.model(node), f"{self.model(node)}/chunk/+"]
+
+    def downlink(self, node: str) -> list[str]:
+        """Every topic a node publishes to its children: announcement, delta, whole model."""
+        return [self.round(node), self.delta(node), *self.model_filters(node)]
 
     def updates_of(self, node: str) -> str:
         return f"{self.prefix}/{check_id(node, 'node id')}/update/+"
@@ -85,8 +99,11 @@ class Topics:
         parts = topic[len(head) :].split("/")
         if len(parts) == 3 and parts[0] == "metrics" and parts[1] in ROLES:
             return ParsedTopic("metrics", parts[1], check_id(parts[2]))
-        if len(parts) == 2 and parts[1] == "model":
-            return ParsedTopic("model", check_id(parts[0]), None)
+        if len(parts) == 2 and parts[1] in ("round", "delta", "model"):
+            kind2: Kind = (
+                "round" if parts[1] == "round" else "delta" if parts[1] == "delta" else "model"
+            )
+            return ParsedTopic(kind2, check_id(parts[0]), None)
         if len(parts) == 3 and parts[1] in ("update", "status"):
             kind: Kind = "update" if parts[1] == "update" else "status"
             return ParsedTopic(kind, check_id(parts[0]), check_id(parts[2]))

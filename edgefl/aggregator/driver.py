@@ -9,6 +9,7 @@ version is published.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ from ..signing import sign_model
 from ..supervise import wait_event
 from ..tasks import set_torch_threads
 from ..transport import LOST
-from ..wire import MetricValue, Model, Reason, Rejected, encode_model, model_tensors
+from ..wire import Announcement, MetricValue, Reason, Rejected, encode_announcement
 from .fold import FoldStats
 from .parent import PendingSync
 from .report import round_story
@@ -68,6 +69,7 @@ class Driver:
         node._wake.clear()
         now = node.clock()
         rnd = node.round
+        await self.fetch()
         if await self.adopt_parent():
             return
         if rnd.announced:
@@ -88,6 +90,13 @@ class Driver:
         due = node.round.deadline if rnd.announced else node._wait_until
         wake_at = min(max(due, self.opens_at), node._heartbeat_at)
         await wait_event(node._wake, max(0.0, wake_at - node.clock()) + 0.01)
+
+    async def fetch(self) -> None:
+        """Subscribe to what the parent's latest version needs (delta, or whole model)."""
+        feed, transport = self.node.feed, self.node.transport
+        if feed is not None and transport.connected:
+            with contextlib.suppress(*LOST):
+                await feed.refresh(transport, feed.seen)
 
     async def announce(self, *, again: bool = False) -> None:
         """Open the current round, or, after a deadline with no update, a new one.
@@ -146,27 +155,30 @@ class Driver:
             await node._metrics({"event": "reannounce", **node._round_fields(rnd)})
 
     async def publish_model(self) -> None:
+        """Publish the round: a new version first (delta and whole model, retained), then
+        the announcement every child reads. What did not go out goes at the next try."""
         node = self.node
         rnd, s = node.round, node.settings
-        model = Model(
-            sender=node.id,
-            version=node.version,
-            round=rnd.number,
-            tensors=model_tensors(node.params, s.downlink_dtype),
-            config=s.train,
-            selected=list(rnd.selected),
-            deadline=rnd.deadline,
-            sent_at=node.clock(),
-            receipts=node.gate.ledger.receipts(node.children.known),
-        )
-        if node._model_key is not None:
-            model = sign_model(model, node._model_key)
         try:
-            await node.retained.publish(encode_model(model), node.version)
+            if node.downlink.version != node.version:
+                await node.downlink.publish_version(node.params, node.version, node._model_key)
+            announcement = Announcement(
+                sender=node.id,
+                version=node.version,
+                round=rnd.number,
+                config=s.train,
+                selected=list(rnd.selected),
+                deadline=rnd.deadline,
+                sent_at=node.clock(),
+                receipts=node.gate.ledger.receipts(node.children.known),
+            )
+            if node._model_key is not None:
+                announcement = sign_model(announcement, node._model_key)
+            await node.downlink.announce(encode_announcement(announcement))
             node._announce_due = False
         except LOST as exc:
             node._announce_due = True
-            log.debug("%s: model v%d not published yet: %s", node.id, node.version, exc)
+            log.debug("%s: round %d not announced yet: %s", node.id, rnd.number, exc)
 
     async def close(self, reason: CloseReason) -> None:
         """Average, apply, checkpoint, sync, announce the next round, then report.

@@ -11,11 +11,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ..params import is_finite, spec_of
-from ..signing import check_model
 from ..topics import ID_RE
 from ..transport import Message
-from ..wire import Reason, Rejected, Status, decode_model, decode_status, model_params
+from ..wire import Announcement, Reason, Rejected, Status, decode_status
 
 if TYPE_CHECKING:
     from .node import Aggregator
@@ -30,7 +28,7 @@ class ReceivePath:
         self.node = node
         self._update_prefix = node.topics.updates_of(node.id)[:-1]
         self._status_prefix = node.topics.statuses_of(node.id)[:-1]
-        self._parent_topic = node.topics.model(node.parent) if node.parent else None
+        self._parent_topics = set(node.topics.downlink(node.parent)) if node.parent else set()
 
     def dispatch(self, message: Message) -> None:
         topic = message.topic
@@ -38,8 +36,8 @@ class ReceivePath:
             self.on_update(topic[len(self._update_prefix) :], message.payload)
         elif topic.startswith(self._status_prefix):
             self.on_status(topic[len(self._status_prefix) :], message.payload)
-        elif topic == self._parent_topic:
-            self.on_parent_model(message.payload)
+        elif topic in self._parent_topics:
+            self.on_parent(topic, message.payload)
 
     def on_update(self, sender: str, payload: bytes) -> None:
         node = self.node
@@ -111,30 +109,22 @@ class ReceivePath:
         if node.round.announced:
             node._wake.set()
 
-    def on_parent_model(self, payload: bytes) -> None:
-        node = self.node
-        if not payload or node.link is None:
+    def on_parent(self, topic: str, payload: bytes) -> None:
+        """The parent's announcement (receipts for our sync) or a new version of its model."""
+        node, feed, link = self.node, self.node.feed, self.node.link
+        if feed is None or link is None:
             return
-        adopted = node.link.sync.parent_version
-        try:
-            model = decode_model(payload, max_bytes=node._payload_limit)
-            check_model(
-                model,
-                held=adopted,
-                public=node._parent_key,
-                max_jump=node.settings.max_version_jump,
-            )
-            params = model_params(model)
-            if spec_of(params) != node.spec:
-                raise Rejected(Reason.SHAPE, "parent model does not match the task")
-            if not is_finite(params):
-                raise Rejected(Reason.NONFINITE, "parent model is not finite")
-        except Rejected as exc:
-            node.rejected.add(node.parent or "parent", exc)
+        got = feed.on_message(topic, payload)
+        if isinstance(got, Announcement):
+            link.on_model(got)
+            if feed.need(got.version) != "none":
+                node._wake.set()  # the driver fetches what it lacks
             return
-        node.link.on_model(model)
+        if not got or feed.held is None or feed.version is None:
+            return
         # The version adopted comes back on every reconnect (retained): nothing to do.
+        adopted = link.sync.parent_version
         pending = node._parent_model[0] if node._parent_model else adopted
-        if model.version > max(adopted, pending):
-            node._parent_model = (model.version, params)
+        if feed.version > max(adopted, pending):
+            node._parent_model = (feed.version, dict(feed.held))
             node._wake.set()

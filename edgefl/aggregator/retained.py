@@ -1,4 +1,6 @@
-"""A node's retained model on the broker: one form at a time, one model per version.
+"""A node's retained downlink on the broker: announcement, delta, and the whole model.
+
+The whole model is in one form at a time, one model per version.
 
 Before a model goes out, the highest version published and the retained topics it
 may leave behind are marked durably (``checkpoint.Published``); once it is out, the
@@ -10,8 +12,15 @@ from __future__ import annotations
 
 import asyncio
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from ..checkpoint import CheckpointStore, Published
+from ..downlink import Shared
+from ..params import Params
+from ..signing import sign_model
+from ..topics import Topics
 from ..transport import AnyTransport, chunk_topic, split
+from ..wire import Model, encode_delta, encode_model, model_tensors
 
 
 class RetainedModel:
@@ -60,3 +69,59 @@ class RetainedModel:
         if self.store is not None:
             await asyncio.to_thread(self.store.mark_published, mark)
         self.mark = mark
+
+
+class Downlink:
+    """What a node publishes to its children, all retained: for each new version the
+    delta from the one before (``Shared``) and the whole model, then each round's
+    announcement. A version's payloads are made once and sent again as they are
+    until they are out, so the shared model moves once per version."""
+
+    def __init__(
+        self,
+        transport: AnyTransport,
+        topics: Topics,
+        node: str,
+        max_message_bytes: int,
+        shared: Shared,
+    ) -> None:
+        self.transport = transport
+        self.topics = topics
+        self.node = node
+        self.shared = shared
+        self.model = RetainedModel(transport, topics.model(node), max_message_bytes)
+        #: the version published in full (delta and whole model); None: none yet
+        self.version: int | None = None
+        self._made: tuple[int, bytes, bytes] | None = None
+        #: bytes of the last delta and whole model published
+        self.delta_bytes = 0
+        self.model_bytes = 0
+
+    async def publish_version(
+        self, params: Params, version: int, key: Ed25519PrivateKey | None
+    ) -> None:
+        """Move the shared model to ``version`` and publish its delta and whole model."""
+        if self._made is None or self._made[0] != version:
+            delta = self.shared.move(params, version)
+            held = self.shared.held
+            assert held is not None
+            model = Model(
+                sender=self.node, version=version, tensors=model_tensors(held, self.shared.dtype)
+            )
+            if key is not None:
+                model = sign_model(model, key)
+                delta = sign_model(delta, key) if delta is not None else None
+            self._made = (
+                version,
+                b"" if delta is None else encode_delta(delta),
+                encode_model(model),
+            )
+        _, delta_payload, model_payload = self._made
+        # The delta first: a child that reads the announcement finds what it points to.
+        await self.transport.publish(self.topics.delta(self.node), delta_payload, retain=True)
+        await self.model.publish(model_payload, version)
+        self.version = version
+        self.delta_bytes, self.model_bytes = len(delta_payload), len(model_payload)
+
+    async def announce(self, payload: bytes) -> None:
+        await self.transport.publish(self.topics.round(self.node), payload, retain=True)

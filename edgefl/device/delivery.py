@@ -17,7 +17,7 @@ from collections.abc import Callable
 from ..outbox import DiskFull, Entry, Outbox
 from ..profiles import UplinkEstimator
 from ..transport import LOST, AnyTransport
-from ..wire import Model, TrainConfig
+from ..wire import Announcement, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class Uploader:
         self.failed = 0
         self.settled = 0
 
-    def note(self, model: Model, sender: str) -> None:
-        """A Model from the gateway: its round length, and ``sender``'s receipt if it has
+    def note(self, model: Announcement, sender: str) -> None:
+        """An Announcement from the gateway: its round length, and ``sender``'s receipt if it has
         one (the next flush forgets what it covers)."""
         self.resend_s = max(model.config.deadline_s, RESEND_MIN_S)
         receipt = model.receipts.get(sender)

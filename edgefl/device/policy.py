@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..config import PolicySettings
 from ..profiles import UPLINK_TOO_SLOW, Decision, EligibilityPolicy, Reading, policy_of
-from ..wire import Model
+from ..wire import Announcement
 
 DEADLINE_PASSED = "deadline_passed"
 #: The node's model does not fit this device's task: it cannot train until one does.
@@ -16,7 +16,7 @@ MODEL_MISMATCH = "model_mismatch"
 __all__ = ["DEADLINE_PASSED", "MODEL_MISMATCH", "decide", "policy_of", "selected"]
 
 
-def selected(model: Model, device_id: str) -> bool:
+def selected(model: Announcement, device_id: str) -> bool:
     """An empty selection asks every eligible child."""
     return not model.selected or device_id in model.selected
 

@@ -27,8 +27,6 @@ class _Tier:
     known: int = 0
     online: int = 0
     samples: int = 0
-    bytes_in: int = 0
-    bytes_down: int = 0
     staleness_max: int = 0
     clipped: int = 0
 
@@ -37,10 +35,9 @@ class _Tier:
 class History:
     """Accumulates gateway and device metrics; a cloud round closes one history row.
 
-    ``model_bytes`` is the size of one published Model: downlink bytes are that
-    times the children online when a round closes (each announcement reaches
-    every online child once). Aggregators count rejections since they started,
-    so rows hold the differences.
+    Bytes are measured: devices and gateways report their cumulative MQTT bytes to
+    their parent and from it (``telemetry.ByteMeter``); a row holds what they grew.
+    Aggregators count rejections since they started, so rows hold the differences.
     """
 
     devices: int
@@ -54,10 +51,20 @@ class History:
     _rejected: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
     _rejected_seen: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _declined: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: the last cumulative (bytes_up, bytes_down) each device and gateway reported
+    _bytes: dict[str, dict[str, tuple[int, int]]] = field(default_factory=lambda: defaultdict(dict))
+    _bytes_seen: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: defaultdict(lambda: (0, 0))
+    )
 
     def feed(self, doc: Mapping[str, Any]) -> dict[str, Any] | None:
         """One metrics record; returns the new history row when it closes a cloud round."""
         role, event = doc.get("role"), doc.get("event")
+        if role in ("device", "gateway") and "bytes_up" in doc:
+            self._bytes[str(role)][str(doc.get("id"))] = (
+                _int(doc.get("bytes_up")),
+                _int(doc.get("bytes_down")),
+            )
         if role == "device":
             if event == "round":
                 self._trained.add(str(doc.get("id")))
@@ -80,8 +87,6 @@ class History:
         t.known += _int(doc.get("children_known"))
         t.online += _int(doc.get("children_online"))
         t.samples += _int(doc.get("samples"))
-        t.bytes_in += _int(doc.get("bytes_in"))
-        t.bytes_down += self.model_bytes * _int(doc.get("children_online"))
         t.staleness_max = max(t.staleness_max, _int(doc.get("staleness_max")))
         t.clipped += _int(doc.get("clipped"))
 
@@ -105,10 +110,7 @@ class History:
             "participation": t.participants / t.known if t.known else 0.0,
             "online": t.online / t.known if t.known else None,
             "samples": t.samples,
-            "bytes_up_device": t.bytes_in,
-            "bytes_up_gateway": _int(doc.get("bytes_in")),
-            "bytes_down_device": t.bytes_down,
-            "bytes_down_gateway": self.model_bytes * _int(doc.get("children_online")),
+            **self._take_bytes(),
             "staleness_max": t.staleness_max,
             "clipped": t.clipped,
             "rejected": sum(rejected.values()),
@@ -118,6 +120,18 @@ class History:
         self._tier = _Tier()
         self._trained = set()
         return row
+
+    def _take_bytes(self) -> dict[str, int]:
+        """MQTT bytes each tier's children counted since the previous cloud round: what
+        devices and gateways sent up and received down (``telemetry.ByteMeter``)."""
+        out = {}
+        for role in ("device", "gateway"):
+            up = sum(u for u, _ in self._bytes[role].values())
+            down = sum(d for _, d in self._bytes[role].values())
+            seen = self._bytes_seen[role]
+            out[f"bytes_up_{role}"], out[f"bytes_down_{role}"] = up - seen[0], down - seen[1]
+            self._bytes_seen[role] = (up, down)
+        return out
 
     def _count_rejections(self, node: str, doc: Mapping[str, Any]) -> None:
         for reason in REJECT_REASONS:

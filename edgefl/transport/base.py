@@ -81,6 +81,8 @@ class AnyTransport(Protocol):
     #: PUBLISH packets' bytes on the wire (``publish_size``), sent and received
     wire_out: int
     wire_in: int
+    #: told of every PUBLISH: ``(topic, packet bytes, sent)``
+    meter: Callable[[str, int, bool], None] | None
 
     @property
     def connected(self) -> bool: ...

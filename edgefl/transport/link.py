@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from ..supervise import wait_event
 from ..wire import Reason
-from .base import Message, TransportClosed, Will
+from .base import Message, TransportClosed, Will, publish_size
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,8 @@ class Link(abc.ABC):
         #: whole PUBLISH packets, header, topic and properties included (``publish_size``)
         self.wire_out = 0
         self.wire_in = 0
+        #: called with ``(topic, packet bytes, sent)`` for every PUBLISH (``telemetry.ByteMeter``)
+        self.meter: Callable[[str, int, bool], None] | None = None
         #: messages dropped because a bounded inbox (``queue_size``) was full
         self.dropped = 0
 
@@ -199,6 +201,18 @@ class Link(abc.ABC):
             # Full jitter keeps a fleet from reconnecting in lockstep after an outage.
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, self.reconnect_max_s)
+
+    def _count(
+        self, topic: str, payload_len: int, qos: int, *, sent: bool, v5: bool = False
+    ) -> None:
+        """One PUBLISH went out (``sent``) or came in: its bytes on the wire, and the meter."""
+        size = publish_size(topic, payload_len, qos, v5=v5)
+        if sent:
+            self.wire_out += size
+        else:
+            self.wire_in += size
+        if self.meter is not None:
+            self.meter(topic, size, sent)
 
     # -------------------------------------------------------------- receiving
     async def messages(self) -> AsyncIterator[Message]:

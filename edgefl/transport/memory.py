@@ -26,7 +26,6 @@ from .base import (
     PublishTimeout,
     TransportFactory,
     Will,
-    publish_size,
 )
 from .link import Link, OnConnect
 
@@ -220,7 +219,7 @@ class MemoryTransport(Link):
 
     def _receive(self, message: Message) -> None:
         self.bytes_in += len(message.payload)
-        self.wire_in += publish_size(message.topic, len(message.payload), message.qos)
+        self._count(message.topic, len(message.payload), message.qos, sent=False)
         self._enqueue(message)
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
@@ -260,6 +259,6 @@ class MemoryTransport(Link):
             raise PublishTimeout(f"no PUBACK for {topic} within {limit}s")
         self.broker._route(topic, bytes(payload), qos, retain)
         self.bytes_out += len(payload)
-        self.wire_out += publish_size(topic, len(payload), qos)
+        self._count(topic, len(payload), qos, sent=True)
         self.messages_out += 1
         await asyncio.sleep(0)  # a publish lets others run, as a socket write does

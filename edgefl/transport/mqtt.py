@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from ..config import MqttSettings
 from ..supervise import all_completed, first_completed
 from ..wire import Reason, Rejected
-from .base import Message, NotConnected, PublishTimeout, Will, publish_size
+from .base import Message, NotConnected, PublishTimeout, Will
 from .chunks import Reassembler, chunk_source, chunk_topic, is_chunk, split
 from .link import Link, OnConnect
 
@@ -207,7 +207,7 @@ class Transport(Link):
         payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
         topic = msg.topic.value
         self.bytes_in += len(payload)
-        self.wire_in += publish_size(topic, len(payload), msg.qos, v5=self._v5)
+        self._count(topic, len(payload), msg.qos, sent=False, v5=self._v5)
         if is_chunk(payload):
             try:
                 whole = self.reassembler.feed(chunk_source(topic), bytes(payload))
@@ -324,7 +324,7 @@ class Transport(Link):
             if not acknowledged:
                 raise PublishTimeout(f"no PUBACK for {topic} within {limit}s")
             self.bytes_out += len(payload)
-            self.wire_out += publish_size(topic, len(payload), qos, v5=self._v5)
+            self._count(topic, len(payload), qos, sent=True, v5=self._v5)
             self.messages_out += 1
 
     async def _acknowledged(self, request: Coroutine[Any, Any, object], timeout: float) -> bool:

@@ -17,27 +17,24 @@ from edgefl.tasks import load_task, set_torch_threads
 from edgefl.topics import Topics
 from edgefl.transport import MemoryBroker, MemoryTransport
 from edgefl.wire import (
-    Model,
     Status,
     TrainConfig,
-    decode_model,
+    decode_announcement,
     decode_update,
-    encode_model,
     encode_status,
     encode_update,
-    model_tensors,
 )
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
-from aggregator_fakes import TinyTask, delta_of, make_update
+from aggregator_fakes import TinyTask, delta_of, make_update, publish_round
 
 TOPICS = Topics()
 
 
 async def _models(client: MemoryTransport, node: str, out: list) -> None:
     async for msg in client.messages():
-        if msg.topic == TOPICS.model(node) and msg.payload:
-            out.append(decode_model(msg.payload))
+        if msg.topic == TOPICS.round(node) and msg.payload:
+            out.append(decode_announcement(msg.payload))
 
 
 async def test_a_node_on_the_memory_bus_folds_its_children_and_publishes_the_average(
@@ -52,7 +49,7 @@ async def test_a_node_on_the_memory_bus_folds_its_children_and_publishes_the_ave
         Aggregator(settings, TinyTask(), transport=broker.factory()) as node,
     ):
         models: list = []
-        await kids.subscribe(TOPICS.model("cloud"))
+        await kids.subscribe(TOPICS.round("cloud"))
         watcher = asyncio.create_task(_models(kids, "cloud", models))
         runner = asyncio.create_task(node.run())
         try:
@@ -93,15 +90,7 @@ async def test_a_device_on_the_memory_bus_trains_the_model_it_is_sent(tmp_path: 
         await gw.subscribe(TOPICS.updates_of("gw"))
         runner = asyncio.create_task(agent.run())
         try:
-            model = Model(
-                sender="gw",
-                version=0,
-                round=0,
-                tensors=model_tensors(task.init_params(0)),
-                config=TrainConfig(epochs=1),
-                deadline=0.0,
-            )
-            await gw.publish(TOPICS.model("gw"), encode_model(model), retain=True)
+            await publish_round(gw, TOPICS, "gw", task.init_params(0), config=TrainConfig(epochs=1))
             async with within(30):
                 async for msg in gw.messages():
                     update = decode_update(msg.payload)

@@ -58,15 +58,23 @@ def cloud(version: int, accuracy: float, ts: float, **fields: Any) -> dict[str, 
 
 def feed_two_rounds() -> History:
     h = History(devices=20, gateways=2, model_bytes=MODEL_BYTES, started=100.0)
-    assert h.feed({"role": "device", "id": "d1", "event": "round"}) is None
-    assert h.feed(gateway("gw-1")) is None
-    assert h.feed(gateway("gw-2", rejected_norm=2, rejected_stale=1)) is None
+    d1 = {"role": "device", "id": "d1", "event": "round", "bytes_up": 600, "bytes_down": 2000}
+    assert h.feed(d1) is None
+    assert h.feed(gateway("gw-1", bytes_up=300, bytes_down=1000)) is None
+    assert (
+        h.feed(gateway("gw-2", rejected_norm=2, rejected_stale=1, bytes_up=300, bytes_down=1000))
+        is None
+    )
     assert h.feed({"role": "gateway", "id": "gw-1", "event": "reannounce"}) is None
     first = h.feed(cloud(1, 0.5, 103.0))
     assert first is not None
-    h.feed(gateway("gw-1", participants=6, updates=6, children_online=8, bytes_in=3000))
+    h.feed({**d1, "bytes_up": 1000, "bytes_down": 2500})
+    h.feed(
+        gateway("gw-1", participants=6, updates=6, children_online=8, bytes_up=700, bytes_down=2000)
+    )
     h.feed(gateway("gw-2", rejected_norm=5, rejected_stale=1))
-    h.feed({"role": "device", "id": "d2", "event": "declined", "reason": "battery_low"})
+    declined = {"role": "device", "id": "d2", "event": "declined", "reason": "battery_low"}
+    h.feed({**declined, "bytes_up": 50, "bytes_down": 400})
     assert h.feed(cloud(2, 0.75, 104.5)) is not None
     return h
 
@@ -79,15 +87,15 @@ def test_a_cloud_round_closes_a_row_of_what_the_gateways_did_since() -> None:
     assert first["gateway_rounds"] == 2
     assert first["device_updates"] == 20
     assert first["participation"] == 1.0
-    assert first["bytes_up_device"] == 10_000
-    assert first["bytes_up_gateway"] == 1200
-    assert first["bytes_down_device"] == 20 * MODEL_BYTES
-    assert first["bytes_down_gateway"] == 2 * MODEL_BYTES
+    # Measured: what the devices and gateways counted since the previous cloud round.
+    assert (first["bytes_up_device"], first["bytes_down_device"]) == (600, 2000)
+    assert (first["bytes_up_gateway"], first["bytes_down_gateway"]) == (600, 2000)
+    assert (second["bytes_up_device"], second["bytes_down_device"]) == (450, 900)
+    assert (second["bytes_up_gateway"], second["bytes_down_gateway"]) == (400, 1000)
     assert second["device_updates"] == 16
     assert second["participation"] == 16 / 20
     assert second["online"] == 18 / 20
-    assert second["bytes_down_device"] == 18 * MODEL_BYTES
-    assert first["devices_trained"] == 1 and second["devices_trained"] == 0
+    assert first["devices_trained"] == 1 and second["devices_trained"] == 1
     assert h.declined == {"battery_low": 1}
 
 
