@@ -274,7 +274,15 @@ class AggregatorSettings(_RoleSettings):
     max_version_jump: int = Field(
         100, ge=0, description="refuse an unsigned parent model more versions ahead than this"
     )
-    downlink_dtype: Literal["f32", "f16"] = "f32"
+    downlink_dtype: Literal["f32", "f16"] = Field(
+        "f32", description="precision the published model is held in (f16: half the whole model)"
+    )
+    downlink_codec: str = Field(
+        "topk", max_length=16, description="codec of each new version's delta to the children"
+    )
+    downlink_fraction: float = Field(
+        0.1, gt=0, le=1, description="share of values a sparse downlink delta keeps (topk)"
+    )
     update_dtype: Literal["u8", "f32"] = "u8"
     checkpoint: bool = Field(True, description="checkpoint to state_dir after each round")
     heartbeat_s: float = Field(30.0, gt=0, description="status republish period")

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgpack
 import msgspec
@@ -104,17 +104,21 @@ class FTensor(_Strict):
     data: bytes
 
 
-class Model(_Strict):
-    """A node's current model, published retained to its children."""
+class Announcement(_Strict):
+    """A node's round, retained on its ``round`` topic: small, and read by every child.
+
+    The model itself travels apart (``Delta``, ``Model``): only a child that trains
+    this round, or adopts every version (a gateway), fetches it.
+    """
 
     v: int = SCHEMA_VERSION
     sender: str = Field(pattern=ID_PATTERN)
-    version: int = Field(ge=0)
-    round: int = Field(ge=0)
-    tensors: list[FTensor]
+    #: the model version to train from this round
+    version: int = Field(ge=0, le=MAX_COUNTER)
+    round: int = Field(ge=0, le=MAX_COUNTER)
     config: TrainConfig = Field(default_factory=TrainConfig)
     #: device ids asked to train this round; empty means "any eligible child".
-    selected: list[str] = Field(default_factory=list)
+    selected: list[str] = Field(default_factory=list, max_length=1 << 16)
     #: wall-clock time (unix seconds) at which the round closes, on the node's clock.
     deadline: float = 0.0
     #: the node's clock when it published this: children judge ``deadline - sent_at``
@@ -138,6 +142,33 @@ class Status(_Strict):
     charging: bool = True
     link: Literal["ethernet", "wifi", "cellular", "unknown"] = "unknown"
     uplink_kbps: float | None = Field(None, ge=0)
+class Model(_Strict):
+    """A node's model at ``version``, whole: retained for children that need all of it."""
+
+    v: int = SCHEMA_VERSION
+    sender: str = Field(pattern=ID_PATTERN)
+    version: int = Field(ge=0, le=MAX_COUNTER)
+    tensors: list[FTensor]
+    sig: bytes | None = None
+
+
+class Delta(msgspec.Struct, forbid_unknown_fields=True):
+    """Version ``version`` of a node's model as ``base`` plus these quantized tensors.
+
+    Child and node apply it the same way (``downlink.advance``), so both hold the same
+    bits; a child that does not hold ``base`` fetches the whole Model instead.
+    """
+
+    sender: Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+    version: Ordinal
+    base: Ordinal
+    tensors: Annotated[list[QTensor], msgspec.Meta(max_length=1 << 16)]
+    #: the precision the model is held in: ``f16`` rounds every value after the sum
+    dtype: Literal["f32", "f16"] = "f32"
+    v: int = SCHEMA_VERSION
+    sig: bytes | None = None
+
+
     buffered: int = Field(0, ge=0)
     model_version: int | None = None
     #: local training samples: the child's declared weight bound (the node caps it).
@@ -278,20 +309,67 @@ def decode_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
 
     Nothing else escapes: a child decodes whatever lands on its parent's model topic.
     """
-    obj = _unpack(data, max_bytes)
-    if obj.get("v") != SCHEMA_VERSION:
-        raise Rejected(Reason.MALFORMED, f"schema version {obj.get('v')!r}")
-    try:
-        model = Model.model_validate(obj)
-    except ValidationError as exc:
-        raise Rejected(Reason.MALFORMED, _first_error(exc)) from None
-    except Exception as exc:  # a validator tripping on input pydantic did not foresee
-        raise Rejected(Reason.MALFORMED, f"not a Model: {type(exc).__name__}") from None
+    model = _validated(Model, _unpack(data, max_bytes))
     for t in model.tensors:
         width = 4 if t.dtype == "f32" else 2
         if not _shape_ok(t.shape) or len(t.data) != math.prod(t.shape) * width:
             raise Rejected(Reason.SHAPE, f"{t.name}: {len(t.data)} bytes for {t.shape}")
     return model
+
+
+#: An announcement is small: ids, receipts, a config; never a model.
+MAX_ANNOUNCEMENT_BYTES = 4 * 1024 * 1024
+
+
+def encode_announcement(announcement: Announcement) -> bytes:
+    return _pack(announcement.model_dump())
+
+
+def decode_announcement(data: bytes, *, max_bytes: int = MAX_ANNOUNCEMENT_BYTES) -> Announcement:
+    """Parse an Announcement; ``Rejected(malformed|oversized)`` on bad input, nothing else."""
+    return _validated(Announcement, _unpack(data, max_bytes))
+
+
+_M = TypeVar("_M", Model, Announcement)
+
+
+def _validated(cls: type[_M], obj: dict[str, Any]) -> _M:
+    if obj.get("v") != SCHEMA_VERSION:
+        raise Rejected(Reason.MALFORMED, f"schema version {obj.get('v')!r}")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as exc:
+        raise Rejected(Reason.MALFORMED, _first_error(exc)) from None
+    except Exception as exc:  # a validator tripping on input pydantic did not foresee
+        raise Rejected(Reason.MALFORMED, f"not a {cls.__name__}: {type(exc).__name__}") from None
+
+
+_DELTA_ENCODER = msgspec.msgpack.Encoder()
+_DELTA_DECODER = msgspec.msgpack.Decoder(Delta)
+
+
+def encode_delta(delta: Delta) -> bytes:
+    return _DELTA_ENCODER.encode(delta)
+
+
+def decode_delta(
+    data: bytes, spec: Spec | None = None, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Delta:
+    """Parse and check a Delta (sizes, finiteness, and names and shapes against ``spec``)."""
+    if len(data) > max_bytes:
+        raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
+    try:
+        delta = _DELTA_DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise Rejected(Reason.MALFORMED, str(exc)[:200]) from None
+    except Exception as exc:  # DecodeError, but also UnicodeDecodeError and others on garbage
+        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+    if delta.v != SCHEMA_VERSION:
+        raise Rejected(Reason.MALFORMED, f"schema version {delta.v!r}")
+    if delta.version != delta.base + 1:
+        raise Rejected(Reason.VERSION, f"delta from v{delta.base} to v{delta.version}")
+    check_tensors(delta, spec)
+    return delta
 
 
 def model_tensors(params: Params, dtype: Literal["f32", "f16"] = "f32") -> list[FTensor]:

@@ -18,6 +18,8 @@ from typing import Any
 
 from ..checkpoint import CheckpointStore, NodeState
 from ..config import AggregatorSettings, ConfigError
+from ..downlink import Shared
+from ..fetch import ModelFeed
 from ..outbox import Outbox
 from ..params import Params, num_parameters
 from ..profiles import OsReader
@@ -25,7 +27,7 @@ from ..robust import NormWindow
 from ..signing import load_private_key, load_public_key
 from ..supervise import bounded, first_completed
 from ..tasks import Task, load_task, set_torch_threads
-from ..telemetry import Telemetry, last_will
+from ..telemetry import ByteMeter, Telemetry, last_will
 from ..topics import Topics
 from ..transport import LOST, Transport, TransportFactory
 from ..wire import (
@@ -40,7 +42,7 @@ from .parent import ParentLink
 from .persist import resume, snapshot, unsettled
 from .receive import ReceivePath
 from .report import evaluation_fields, round_fields
-from .retained import RetainedModel
+from .retained import Downlink
 from .rounds import Round
 from .selection import Children
 from .sync import ParentSync
@@ -111,6 +113,8 @@ class Aggregator:
             # Updates sent while the node restarts wait at the broker, not in the void.
             persistent=True,
         )
+        self.meter = ByteMeter(self.topics, self.id)
+        self.transport.meter = self.meter
         self.link: ParentLink | None = None
         if self.parent is not None:
             self.link = ParentLink(
@@ -142,10 +146,31 @@ class Aggregator:
             )
         self.journal: Journal | None = None
         self._replay_later: list[tuple[Key, bytes]] = []
-        self.retained = RetainedModel(
-            self.transport, self.topics.model(self.id), settings.mqtt.max_message_bytes
+        self.downlink = Downlink(
+            self.transport,
+            self.topics,
+            self.id,
+            settings.mqtt.max_message_bytes,
+            Shared(
+                self.id,
+                settings.downlink_dtype,
+                settings.downlink_codec,
+                settings.downlink_fraction,
+            ),
         )
         self._wake = asyncio.Event()
+        self.feed: ModelFeed | None = None
+        if self.parent is not None:
+            self.feed = ModelFeed(
+                self.topics,
+                self.parent,
+                spec=self.spec,
+                public=self._parent_key,
+                max_jump=settings.max_version_jump,
+                max_bytes=self._payload_limit,
+                always_delta=True,
+                on_refuse=lambda exc: self.rejected.add(self.parent or "parent", exc),
+            )
         self._announce_due = False
         self._status_due = True
         self._wait_until = 0.0
@@ -166,7 +191,7 @@ class Aggregator:
         s = self.settings
         if s.checkpoint:
             self.store = CheckpointStore(self.state_dir)
-            if self._restore(self.store.load(), self.retained.restore(self.store).version):
+            if self._restore(self.store.load(), self.downlink.model.restore(self.store).version):
                 # Saved at once, so that a second restart announces yet another round.
                 await self._checkpoint()
             self.journal = await asyncio.to_thread(Journal, self.state_dir / "journal.log")
@@ -178,12 +203,17 @@ class Aggregator:
             )
             self.journal.start()
         if self.link is not None:
+        if self.downlink.model.mark.version >= self.version:
+            # What was published as this version is the shared model, not this one: the
+            # first model after a restart is a new version, so no number names two.
+            self.version = self.downlink.model.mark.version + 1
+            self.round.version = self.version
             self.link.open(self.state_dir / "sync.sqlite")
         for topic in (self.topics.updates_of(self.id), self.topics.statuses_of(self.id)):
             await self.transport.subscribe(topic)
-        if self.parent is not None:
-            for topic in self.topics.model_filters(self.parent):
-                await self.transport.subscribe(topic)
+        if self.feed is not None:
+            self.feed.floor = self.feed.seen = self.link.sync.parent_version if self.link else None
+            await self.feed.refresh(self.transport, None)
         await self.transport.__aenter__()
         log.info(
             "%s %s: task %s (%d parameters), version %d, round %d, parent %s, broker %s",
@@ -269,6 +299,12 @@ class Aggregator:
 
     async def _metrics(self, fields: dict[str, MetricValue]) -> None:
         self.last_metrics = fields
+        fields = {
+            **fields,
+            **self.meter.fields(parent=self.parent is not None, children=True),
+            "delta_bytes": self.downlink.delta_bytes,
+            "model_bytes": self.downlink.model_bytes,
+        }
         await self.telemetry.metrics(fields)
 
     async def _heartbeat(self) -> None:

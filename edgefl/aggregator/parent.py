@@ -20,7 +20,7 @@ import numpy as np
 from ..outbox import Outbox
 from ..topics import Topics
 from ..transport import LOST, AnyTransport
-from ..wire import Model, encode_update, sign
+from ..wire import Announcement, encode_update, sign
 from .sync import ParentSync, Verdict
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ class ParentLink:
         entry = await asyncio.to_thread(self._outbox().put, pending["topic"], pending["payload"])
         self._queue(entry)
 
-    def on_model(self, model: Model) -> Verdict:
-        """A checked parent Model arrived: settle the sync in flight by its receipt."""
+    def on_model(self, model: Announcement) -> Verdict:
+        """A checked parent announcement arrived: settle the sync in flight by its receipt."""
         sync, version = self.sync.inflight, model.version
         receipt = model.receipts.get(self.node)
         verdict = self.sync.on_parent(version, model.round, receipt, model.deadline)

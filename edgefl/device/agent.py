@@ -20,18 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, DeviceSettings
+from ..fetch import ModelFeed
 from ..outbox import Outbox
 from ..profiles import Decision, Reading, UplinkEstimator
-from ..signing import check_model, load_public_key
+from ..signing import load_public_key
 from ..supervise import bounded, first_completed, wait_event
 from ..tasks import DeviceData, Task, load_task, set_torch_threads
 from ..tasks.training import accepts_should_stop
-from ..telemetry import Telemetry, last_will
+from ..telemetry import ByteMeter, Telemetry, last_will
 from ..topics import Topics
 from ..transport import LOST, AnyTransport, Message, Transport, TransportFactory
-from ..wire import MetricValue, Model, Reason, Rejected, Status, decode_model
+from ..wire import Announcement, MetricValue, Status
 from .delivery import Uploader
-from .policy import policy_of
+from .policy import policy_of, selected
 from .report import device_status, finite, profile_fields, status_key
 from .rounds import PROGRESS_KEY, Rounds
 from .update import (
@@ -86,7 +87,6 @@ class DeviceAgent:
         self._transport = transport
         self.id = settings.id
         self.topics = Topics(settings.mqtt.prefix)
-        self.model_topic = self.topics.model(settings.gateway)
         self.update_topic = self.topics.update(settings.gateway, settings.id)
         self.encoder = UpdateEncoder(settings)  # a bad key fails before the task loads
         key = settings.parent_key
@@ -120,14 +120,22 @@ class DeviceAgent:
         self.progress = Progress()
         self.rounds_trained = 0
         self.declined: Counter[str] = Counter()  # rounds not trained, by reason
-        self.ignored: Counter[str] = Counter()  # bad model payloads, by reason
+        self.feed = ModelFeed(
+            self.topics,
+            settings.gateway,
+            spec=self.spec,
+            public=self.parent_key,
+            max_jump=settings.max_version_jump,
+        )
+        self.meter = ByteMeter(self.topics, self.id)
+        self.ignored: Counter[str] = self.feed.ignored  # bad model payloads, by reason
         #: the node's latest model does not fit our task (another model or task option)
         self.mismatch = False
         self.clamped = 0  # rounds whose training config asked for more than the bounds
         self.last_metrics: dict[str, MetricValue] = {}
         self.last_status: Status | None = None
-        self._latest: Model | None = None
-        self._received_at = 0.0  # our clock when the latest model arrived
+        self._latest: Announcement | None = None
+        self._received_at = 0.0  # our clock when the latest announcement arrived
         self._declined_for: tuple[tuple[int, int], str] | None = None
         self._stop = threading.Event()
         self._model_due = asyncio.Event()
@@ -202,8 +210,9 @@ class DeviceAgent:
         will = last_will(self.topics, s.gateway, self.id, "device")
         make = self._transport or functools.partial(Transport, s.mqtt)
         transport = make(self.id, will=will, on_connect=self._on_connect)
-        for topic in self.topics.model_filters(s.gateway):
-            await transport.subscribe(topic)
+        transport.meter = self.meter
+        self.feed.subscribed = set()
+        await self.feed.refresh(transport, None)
         telemetry = Telemetry(
             transport,
             self.topics,
@@ -212,6 +221,7 @@ class DeviceAgent:
             parent=s.gateway,
             metrics=s.metrics,
         )
+                    await self.fetch()
         async with transport:
             self.transport, self.telemetry = transport, telemetry
             try:
@@ -238,36 +248,37 @@ class DeviceAgent:
         self._flush_due.set()
 
     def _on_message(self, message: Message) -> None:
-        if message.topic != self.model_topic or not message.payload:
-            return  # a chunk sub-topic being cleared, or a deleted retained model
-        s = self.settings
-        try:
-            model = decode_model(message.payload)
-            fits = {t.name: tuple(t.shape) for t in model.tensors} == self.spec
-            if fits != (not self.mismatch):
-                self.mismatch = not fits
-                self._status_due.set()  # eligible or not: the node must know
-            if not fits:
-                raise Rejected(Reason.SHAPE, "it does not fit this task: model_mismatch")
-            check_model(
-                model,
-                held=self.progress.model_version,
-                public=self.parent_key,
-                max_jump=s.max_version_jump,
-            )
-        except Rejected as exc:
-            if not self.ignored[exc.reason.value]:
-                log.warning("device %s: ignoring a bad model: %s", self.id, exc)
-            self.ignored[exc.reason.value] += 1
-            return
-        # Accepted: the gateway's own model (when parent_key is set), not older than the
-        # one held. What acts on an accepted model goes from here on.
-        self._note_receipt(model)
-        if model.version != self.progress.model_version:
-            self.progress.model_version = model.version
+        got = self.feed.on_message(message.topic, message.payload)
+        if self.feed.mismatch != self.mismatch:
+            self.mismatch = self.feed.mismatch
+            self._status_due.set()  # eligible or not: the node must know
+            self._model_due.set()
+        if isinstance(got, Announcement):
+            # Accepted: the gateway's own (when parent_key is set), not older than the
+            # version held. What acts on a round goes from here on.
+            self._note_receipt(got)
+            self._latest, self._received_at = got, self.clock()
+            self._model_due.set()
+        elif got:  # the model moved to a new version
+            self.progress.model_version = self.feed.version
             self._status_due.set()
-        self._latest, self._received_at = model, self.clock()
-        self._model_due.set()
+            self._model_due.set()
+
+    def wanted(self) -> int | None:
+        """The version this device must hold now: the latest round's, if it trains it."""
+        ann = self._latest
+        if ann is None or not selected(ann, self.id):
+            return None
+        if (ann.round, ann.version) == self.progress.trained:
+            return None
+        return ann.version
+
+    async def fetch(self) -> None:
+        """Subscribe to the delta or whole model this round needs; drop what it does not."""
+        transport = self.transport
+        if transport is not None:
+            with contextlib.suppress(*LOST):
+                await self.feed.refresh(transport, self.wanted())
 
     # ---------------------------------------------------------------- outbox
     async def _flusher(self) -> None:
@@ -283,8 +294,8 @@ class DeviceAgent:
             self._status_due.set()  # buffered changed
         return sent, ms
 
-    def _note_receipt(self, model: Model) -> None:
-        """An accepted model from the gateway: its receipt for us clears the outbox."""
+    def _note_receipt(self, model: Announcement) -> None:
+        """An accepted announcement from the gateway: its receipt for us clears the outbox."""
         self.uploader.note(model, self.id)
         if self.id in model.receipts:
             self._flush_due.set()
@@ -339,6 +350,7 @@ class DeviceAgent:
                 **profile_fields(reading, self.uplink.kbps),
                 "buffered": backlog.pending,
                 "buffered_bytes": backlog.bytes,
+                **self.meter.fields(parent=True, children=False),
                 "dropped": backlog.dropped,
                 "rounds_trained": self.rounds_trained,
                 "declined": sum(self.declined.values()),

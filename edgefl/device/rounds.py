@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..outbox import DiskFull
-from ..params import l2_norm
+from ..params import Params, l2_norm
 from ..profiles import Decision, Reading
 from ..tasks import TrainResult
 from ..tasks.training import TrainingStopped
-from ..wire import MetricValue, Model, QTensor
-from ..wire import model_params as wire_params
+from ..wire import Announcement, MetricValue, QTensor, TrainConfig
 from .limits import OverBudget, bound_config, with_budget
-from .policy import DEADLINE_PASSED, MODEL_MISMATCH, decide, selected
+from .policy import DEADLINE_PASSED, MODEL_MISMATCH, decide
 from .update import float32_bytes, is_finite
 from .worker import run_stoppable
 
@@ -58,15 +57,19 @@ class Rounds:
             agent._model_due.clear()
             await self.session_up()
             model = agent._latest
-            if model is None or not selected(model, agent.id):
+            if model is None or agent.wanted() is None:
                 continue
-            if (model.round, model.version) == agent.progress.trained:
-                continue
+            params = agent.feed.held
+            fetching = params is None or agent.feed.version != model.version
+            if fetching and not agent.mismatch:
+                continue  # its delta or whole model wakes us again
             reading = agent.reader.read()
             decision = self.decide(reading, model)
             if decision.ok:
                 agent._declined_for = None
-                await self.train_round(model)
+                assert params is not None  # a mismatched model never passes decide()
+                await self.train_round(model, dict(params))
+                await agent.fetch()  # trained: the model topics are not needed now
             else:
                 await self.decline(model, decision.reason, reading)
 
@@ -79,7 +82,7 @@ class Rounds:
             with contextlib.suppress(asyncio.TimeoutError):
                 await transport.wait_connected(SESSION_WAIT_S)
 
-    def decide(self, reading: Reading, model: Model | None) -> Decision:
+    def decide(self, reading: Reading, model: Announcement | None) -> Decision:
         agent = self.agent
         if agent.mismatch:
             return Decision(False, MODEL_MISMATCH)
@@ -93,7 +96,7 @@ class Rounds:
             now=now,
         )
 
-    def deadline(self, model: Model | None) -> float:
+    def deadline(self, model: Announcement | None) -> float:
         """The latest model's deadline on *our* clock (0: none).
 
         The node says how long the round had left when it published (``deadline -
@@ -108,7 +111,7 @@ class Rounds:
             return model.deadline
         return agent._received_at + (model.deadline - model.sent_at)
 
-    def pending(self) -> Model | None:
+    def pending(self) -> Announcement | None:
         """The latest model if it was declined and its deadline is still ahead."""
         agent = self.agent
         model, declined = agent._latest, agent._declined_for
@@ -119,7 +122,7 @@ class Rounds:
             return None
         return model
 
-    async def decline(self, model: Model, reason: str, reading: Reading) -> None:
+    async def decline(self, model: Announcement, reason: str, reading: Reading) -> None:
         agent = self.agent
         key = (model.round, model.version)
         if agent._declined_for == (key, reason):
@@ -140,13 +143,16 @@ class Rounds:
         }
         await agent._metrics(fields, reading)
 
-    async def train_round(self, model: Model) -> None:
+    async def train_round(self, model: Announcement, params: Params) -> None:
         agent = self.agent
         started = time.perf_counter()
         key = (model.round, model.version)
         try:
             result, tensors, quantize_ms = await run_stoppable(
-                lambda: self.train(model), agent._stop, name=f"train-{agent.id}", wait_s=STOP_WAIT_S
+                lambda: self.train(model, params),
+                agent._stop,
+                name=f"train-{agent.id}",
+                wait_s=STOP_WAIT_S,
             )
         except RuntimeError as exc:  # torch's failures (CUDA out of memory, ...) skip a round
             log.error("device %s: training round %d failed: %s", agent.id, model.round, exc)
@@ -199,14 +205,16 @@ class Rounds:
         }
         await agent._metrics(fields, agent.reader.read())
 
-    def train(self, model: Model) -> tuple[TrainResult, list[QTensor] | None, float]:
-        """In the worker thread: local training, then quantization."""
+    def train(
+        self, model: Announcement, params: Params
+    ) -> tuple[TrainResult, list[QTensor] | None, float]:
+        """In the worker thread: local training of ``params`` (the round's version), then
+        quantization."""
         agent = self.agent
         s = agent.settings
         # OpenMP thread limits are per thread: a new training thread would
         # otherwise use every core, and a board's agent must leave some free.
         torch.set_num_threads(s.torch_threads)
-        params = wire_params(model)
         cfg = bound_config(model.config, max_epochs=s.max_epochs, min_batch_size=s.min_batch_size)
         if cfg is not model.config:
             agent.clamped += 1
@@ -239,7 +247,7 @@ class Rounds:
         return result, tensors, (time.perf_counter() - start) * 1000.0
 
     async def store(
-        self, model: Model, result: TrainResult, tensors: list[QTensor]
+        self, model: Announcement, result: TrainResult, tensors: list[QTensor]
     ) -> tuple[int, int, float] | None:
         """Save the progress (round trained, residual), then seq, signature and entry.
 

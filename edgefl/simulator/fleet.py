@@ -318,11 +318,7 @@ def _node_settings(run: _Run) -> list[AggregatorSettings]:
 
 def _model_bytes(params: Any, settings: AggregatorSettings) -> int:
     model = Model(
-        sender=settings.id,
-        version=0,
-        round=0,
-        tensors=model_tensors(params, settings.downlink_dtype),
-        config=settings.train,
+        sender=settings.id, version=0, tensors=model_tensors(params, settings.downlink_dtype)
     )
     return len(encode_model(model))
 
