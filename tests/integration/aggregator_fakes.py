@@ -19,18 +19,23 @@ from timeouts import within
 from edgefl.aggregator import Aggregator
 from edgefl.config import AggregatorSettings
 from edgefl.params import Params, Spec, spec_of
-from edgefl.quant import float_params, quantize_params
+from edgefl.signing import sign_model
 from edgefl.topics import Topics
 from edgefl.wire import (
     Model,
+    Announcement,
     Status,
     Update,
     decode_metrics,
+    decode_announcement,
     decode_model,
     encode_status,
+    encode_announcement,
+    encode_model,
     encode_update,
     model_params,
 )
+    model_tensors,
 
 SHAPES: dict[str, tuple[int, ...]] = {"w": (3, 4), "b": (4,)}
 
@@ -80,12 +85,25 @@ def make_update(
 
 
 class Harness:
+class Seen:
+    """An announcement as a child sees it, with the whole model of its version."""
+
+    def __init__(self, announcement: Announcement, params: Params) -> None:
+        self.announcement = announcement
+        self.params = params
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.announcement, name)
+
+
     """One real MQTT client playing children of ``node`` and watching topics."""
 
     def __init__(self, client: aiomqtt.Client, topics: Topics) -> None:
         self.client = client
         self.topics = topics
-        self.models: dict[str, list[Model]] = {}
+        #: per node, every announcement with the model of its version
+        self.models: dict[str, list[Seen]] = {}
+        self._whole: dict[tuple[str, int], Params] = {}
         self.metrics: list[dict[str, Any]] = []
         self._changed = asyncio.Condition()
 
@@ -106,7 +124,12 @@ class Harness:
             payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
             parsed = self.topics.parse(msg.topic.value)
             if parsed.kind == "model" and payload:
-                self.models.setdefault(parsed.node, []).append(decode_model(payload))
+                model = decode_model(payload)
+                self._whole[(parsed.node, model.version)] = model_params(model)
+            elif parsed.kind == "round" and payload:
+                ann = decode_announcement(payload)
+                params = self._whole.get((parsed.node, ann.version), {})
+                self.models.setdefault(parsed.node, []).append(Seen(ann, params))
             elif parsed.kind == "metrics":
                 self.metrics.append(decode_metrics(payload))
             async with self._changed:
@@ -119,10 +142,10 @@ class Harness:
                 await self._changed.wait()
             return found
 
-    def model(self, node: str, version: int) -> Model | None:
+    def model(self, node: str, version: int) -> Seen | None:
         return next((m for m in self.models.get(node, []) if m.version == version), None)
 
-    async def wait_model(self, node: str, version: int, timeout: float = 10.0) -> Model:
+    async def wait_model(self, node: str, version: int, timeout: float = 10.0) -> Seen:
         return await self.wait_for(lambda: self.model(node, version), timeout)  # type: ignore[no-any-return]
 
     def latest_metrics(self, node: str, event: str = "round") -> dict[str, Any] | None:
@@ -147,6 +170,7 @@ async def harness(broker_url: str, prefix: str = "edgefl") -> AsyncIterator[Harn
         h = Harness(c, topics)
         await c.subscribe(f"{prefix}/+/model", qos=1)
         await c.subscribe(topics.all_metrics(), qos=1)
+        await c.subscribe(f"{prefix}/+/round", qos=1)
         listener = asyncio.create_task(h._listen())
         try:
             yield h
@@ -156,8 +180,8 @@ async def harness(broker_url: str, prefix: str = "edgefl") -> AsyncIterator[Harn
                 await listener
 
 
-def params_of(model: Model) -> Params:
-    return model_params(model)
+def params_of(model: Seen) -> Params:
+    return model.params
 
 
 @contextlib.asynccontextmanager
@@ -184,3 +208,24 @@ def node_settings(broker_url: str, state_dir: Any, **kw: Any) -> AggregatorSetti
         "evaluate": False,
     }
     return AggregatorSettings(**{**base, **kw})
+
+
+async def publish_round(
+    transport: Any,
+    topics: Topics,
+    node: str,
+    params: Params,
+    *,
+    version: int = 0,
+    key: Any = None,
+    **announcement: Any,
+) -> Announcement:
+    """Play a node for its children: the whole model of ``version``, then the round's
+    announcement, both retained, as a node publishes them (signed with ``key``)."""
+    model = Model(sender=node, version=version, tensors=model_tensors(params))
+    ann = Announcement(sender=node, version=version, **{"round": 0, **announcement})
+    if key is not None:
+        model, ann = sign_model(model, key), sign_model(ann, key)
+    await transport.publish(topics.model(node), encode_model(model), retain=True)
+    await transport.publish(topics.round(node), encode_announcement(ann), retain=True)
+    return ann
