@@ -33,7 +33,7 @@ def summary(state: FleetState) -> dict[str, Any]:
             if "participants" in n.figures
         },
         "bytes": _bytes_per_tier(nodes),
-        "rejected": {n.id: dict(sorted(n.rejected.items())) for n in nodes if n.rejected},
+        "rejected": {n.id: _refused(n) for n in nodes if n.rejected_total},
         "clipping": {
             n.id: {k: n.figures.get(k) for k in ("clipped", "clip_bound")}
             for n in nodes
@@ -98,6 +98,11 @@ def _node_entry(
         "children": [],
         "devices": [],
     }
+
+
+def _refused(node: NodeView) -> dict[str, int]:
+    """The reasons the node refused anything for (records carry every reason, 0 or not)."""
+    return {reason: count for reason, count in sorted(node.rejected.items()) if count}
 
 
 def _bytes_per_tier(nodes: list[NodeView]) -> dict[str, dict[str, float]]:

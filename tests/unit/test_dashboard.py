@@ -39,8 +39,9 @@ def fleet() -> FleetState:
         (T.metrics("gateway", "gw-1"), encode_metrics("gateway", "gw-1", {
             "round": 9, "version": 10, "participants": 1, "selected": 1, "bytes_in": 40,
             "bytes_down": 7, "clipped": 1, "clip_bound": 2.5, "rejected_stale": 2,
-            "rejected_norm": 1, "rejected_total": 3})),
-        (T.metrics("gateway", "gw-2"), encode_metrics("gateway", "gw-2", {"bytes_in": 2})),
+            "rejected_norm": 1, "rejected_shape": 0, "rejected_total": 3})),
+        (T.metrics("gateway", "gw-2"), encode_metrics("gateway", "gw-2", {
+            "bytes_in": 2, "rejected_stale": 0})),
         (T.metrics("device", "dev-1"), encode_metrics("device", "dev-1", {"round": 9})),
     ):  # fmt: skip
         assert state.apply(topic, payload)
