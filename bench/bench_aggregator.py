@@ -31,9 +31,9 @@ import numpy as np
 
 from edgefl.aggregator import Aggregator
 from edgefl.broker import start_mosquitto
+from edgefl.codecs import encode_params
 from edgefl.config import AggregatorSettings
 from edgefl.params import Params, Spec, spec_of
-from edgefl.quant import quantize_params
 from edgefl.tasks import set_torch_threads
 from edgefl.topics import Topics
 from edgefl.wire import Update, encode_update
@@ -111,7 +111,7 @@ async def publish(broker: str, plan: dict[str, int]) -> None:
                         k: rng.normal(0, 0.01, v).astype(np.float32) for k, v in SHAPES.items()
                     }
                     update = Update(
-                        sender=sender, seq=0, round=0, base=0, n=32, tensors=quantize_params(delta)
+                        sender=sender, seq=0, round=0, base=0, n=32, tensors=encode_params(delta)
                     )
                     topic = TOPICS.update(gateway, sender)
                     batch.append(client.publish(topic, encode_update(update), qos=1))

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edgefl import quant
+from edgefl import codecs
 from edgefl.fedavg import StreamingAverage
 from edgefl.params import Params, add, copy, num_parameters, subtract
 from edgefl.tasks import set_torch_threads
@@ -72,11 +72,11 @@ class Uint8Link:
     """Every sender quantizes to uint8 and keeps its own error feedback residual."""
 
     def __init__(self) -> None:
-        self.feedback: dict[str, quant.ErrorFeedback] = {}
+        self.feedback: dict[str, codecs.ErrorFeedback] = {}
 
     def __call__(self, sender: str, delta: Params) -> Params:
-        fb = self.feedback.setdefault(sender, quant.ErrorFeedback())
-        return quant.dequantize_params(fb.quantize(delta))
+        fb = self.feedback.setdefault(sender, codecs.ErrorFeedback())
+        return codecs.decode_params(fb.encode(delta))
 
 
 def run_central(task: DigitsTask, cfg: TrainConfig, device_rounds: int) -> list[float]:
@@ -126,8 +126,10 @@ def run_hierarchical(
 
 def update_bytes(params: Params) -> tuple[int, int]:
     """Encoded Update sizes of one device delta: uint8 and raw float32 tensors."""
-    u8 = Update(sender="d", seq=0, round=0, base=0, n=1, tensors=quant.quantize_params(params))
-    f32 = Update(sender="d", seq=0, round=0, base=0, n=1, tensors=quant.float_params(params))
+    u8 = Update(sender="d", seq=0, round=0, base=0, n=1, tensors=codecs.encode_params(params))
+    f32 = Update(
+        sender="d", seq=0, round=0, base=0, n=1, tensors=codecs.encode_params(params, "f32")
+    )
     return len(encode_update(u8)), len(encode_update(f32))
 
 

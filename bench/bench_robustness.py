@@ -32,9 +32,9 @@ from edgefl.aggregator.fold import RoundFold
 from edgefl.aggregator.rounds import Round, apply_delta
 from edgefl.aggregator.selection import Children
 from edgefl.aggregator.sync import ParentSync
+from edgefl.codecs import ErrorFeedback
 from edgefl.config import AggregatorSettings
 from edgefl.params import Params, is_finite, subtract
-from edgefl.quant import ErrorFeedback
 from edgefl.robust import NormWindow
 from edgefl.tasks import load_task, set_torch_threads
 from edgefl.wire import Rejected, Status, TrainConfig, Update, encode_update, sign
@@ -141,7 +141,7 @@ def _encode(sender: str, seq: int, base: int, n: int, tensors: Any, secure: bool
 def _bomb(payload: bytes) -> bytes:
     doc = msgpack.unpackb(payload)
     for t in doc["tensors"]:  # every value 255 * 1.3e36: finite, but not once summed
-        t.update(dtype="u8", lo=0.0, scale=1.3e36, q=b"\xff" * int(np.prod(t["shape"])))
+        t.update(codec="u8", lo=0.0, scale=1.3e36, q=b"\xff" * int(np.prod(t["shape"])))
     doc.pop("sig", None)
     return msgpack.packb(doc)
 
@@ -188,7 +188,7 @@ def run(
                 kind_d = attackers.get(d)
                 if kind_d is not None:
                     delta, n = _attack(kind_d, delta, n, subtract(target, local))
-                tensors = feedback[d].quantize(delta)
+                tensors = feedback[d].encode(delta)
                 copies = 50 if kind_d == "flood" else 1
                 for _ in range(copies):
                     payload = _encode(d, seqs[d], node.version, n, tensors, secure)

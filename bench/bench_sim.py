@@ -47,9 +47,9 @@ MB_PER_DEVICE_TARGET = 2.0
 def sequential_loop(name: str) -> dict[str, Any]:
     """The default scenario's training, device after device, in this process: no MQTT."""
     from edgefl.aggregator.sync import ParentSync
+    from edgefl.codecs import ErrorFeedback
     from edgefl.fedavg import StreamingAverage
     from edgefl.params import add
-    from edgefl.quant import ErrorFeedback
     from edgefl.simulator.scenario_file import load_scenario
     from edgefl.tasks import load_task, set_torch_threads
     from edgefl.wire import TrainConfig
@@ -87,7 +87,7 @@ def sequential_loop(name: str) -> dict[str, Any]:
                         continue
                     seed_r = (seed * 1_000_003 + number) % 2**31
                     result = task.train(local, data, cfg, seed=seed_r)
-                    average.add_quantized(feedback.quantize(result.delta), result.n)
+                    average.add_quantized(feedback.encode(result.delta), result.n)
                     sync.samples_since_sync += result.n
                 local = add(local, average.result())
                 sync.rounds_since_sync += 1
@@ -229,7 +229,7 @@ def bench_bandwidth(tmp: Path) -> bool:
     results = {}
     for dtype in ("u8", "f32"):
         scenario = load_scenario(
-            "default", **{"device.update_dtype": dtype, "gateway.update_dtype": dtype}
+            "default", **{"device.update_codec": dtype, "gateway.update_codec": dtype}
         )
         results[dtype] = run_simulation(scenario, out=tmp / f"bw-{dtype}", quiet=True).summary
     print("bandwidth: simulators/default.toml with uint8 vs float32 updates, per cloud round")

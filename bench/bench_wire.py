@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from edgefl import fedavg, quant, wire
+from edgefl import codecs, fedavg, wire
 from edgefl.tasks import set_torch_threads
 
 
@@ -33,11 +33,11 @@ def _update(tensors: list[wire.QTensor]) -> wire.Update:
 
 
 def encode_u8(delta: dict[str, np.ndarray]) -> bytes:
-    return wire.encode_update(_update(quant.quantize_params(delta)))
+    return wire.encode_update(_update(codecs.encode_params(delta)))
 
 
 def encode_f32(delta: dict[str, np.ndarray]) -> bytes:
-    return wire.encode_update(_update(quant.float_params(delta)))
+    return wire.encode_update(_update(codecs.encode_params(delta, "f32")))
 
 
 def torch_save(delta: dict[str, np.ndarray]) -> bytes:

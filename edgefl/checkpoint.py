@@ -18,16 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
-import numpy as np
+import msgspec
 
 from .errors import EdgeflError
-from .params import Params
+from .params import Params, from_bytes, to_bytes
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"EDGEFLCK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER_LEN = struct.Struct("<I")
 _GENERATION = re.compile(r"^state-(\d{10})-v(\d+)-r\d+\.ckpt(\.corrupt)?$")
 _TEMP_PREFIX = ".tmp-state-"
@@ -105,7 +104,7 @@ class CheckpointStore:
         path = self.directory / MARK_NAME
         if path.exists():
             try:
-                doc = msgpack.unpackb(path.read_bytes(), raw=False)
+                doc = msgspec.msgpack.decode(path.read_bytes())
                 mark = Published(int(doc["version"]), bool(doc["whole"]), int(doc["chunks"]))
             except Exception as exc:  # written by rename, so only a damaged disk gets here
                 log.warning("%s is unreadable (%s): the model may be retained whole", path, exc)
@@ -115,7 +114,7 @@ class CheckpointStore:
     def mark_published(self, mark: Published) -> None:
         """Record ``mark`` durably (write, fsync, rename, fsync the directory)."""
         body = {"version": mark.version, "whole": mark.whole, "chunks": mark.chunks}
-        _write_durably(self.directory / MARK_NAME, [msgpack.packb(body)])
+        _write_durably(self.directory / MARK_NAME, [msgspec.msgpack.encode(body)])
 
     def load(self) -> NodeState | None:
         """The newest generation that verifies; ``None`` if there is none.
@@ -157,10 +156,10 @@ class CheckpointStore:
 def encode(state: NodeState) -> list[bytes]:
     """The file's bytes, in pieces: magic, header length, header, body.
 
-    The header holds the format version, the body length and its sha256; each
-    tensor is ``{name, shape, dtype, bytes}`` with ``dtype`` a numpy dtype string.
+    The header holds the format version, the body length and its sha256; the
+    parameters are ``params.to_bytes``, the one persisted form of a model.
     """
-    body = msgpack.packb(
+    body = msgspec.msgpack.encode(
         {
             "version": state.version,
             "round": state.round,
@@ -168,21 +167,11 @@ def encode(state: NodeState) -> list[bytes]:
             "last_seq": dict(state.last_seq),
             "extra": state.extra,
             "saved_at": time.time(),
-            "tensors": [
-                {
-                    "name": name,
-                    "shape": list(arr.shape),
-                    "dtype": arr.dtype.str,
-                    "bytes": _raw(arr),
-                }
-                for name, arr in state.params.items()
-            ],
-        },
-        use_bin_type=True,
+            "params": to_bytes(state.params),
+        }
     )
-    header = msgpack.packb(
-        {"format": FORMAT_VERSION, "length": len(body), "sha256": hashlib.sha256(body).digest()},
-        use_bin_type=True,
+    header = msgspec.msgpack.encode(
+        {"format": FORMAT_VERSION, "length": len(body), "sha256": hashlib.sha256(body).digest()}
     )
     return [MAGIC, _HEADER_LEN.pack(len(header)), header, body]
 
@@ -197,9 +186,9 @@ def decode(data: bytes) -> NodeState:
         raise CorruptCheckpoint("bad magic")
     (header_len,) = _HEADER_LEN.unpack(view[len(MAGIC) : prefix])
     try:
-        header = msgpack.unpackb(view[prefix : prefix + header_len], raw=False)
+        header = msgspec.msgpack.decode(view[prefix : prefix + header_len])
         fmt, length, digest = header["format"], header["length"], header["sha256"]
-    except Exception as exc:  # msgpack raises many types on garbage
+    except Exception as exc:  # garbage decodes to anything, or to nothing
         raise CorruptCheckpoint(f"bad header: {type(exc).__name__}") from None
     if fmt != FORMAT_VERSION:
         raise CorruptCheckpoint(f"format {fmt!r}, expected {FORMAT_VERSION}")
@@ -209,9 +198,9 @@ def decode(data: bytes) -> NodeState:
     if hashlib.sha256(body).digest() != digest:
         raise CorruptCheckpoint("sha256 mismatch")
     try:
-        doc = msgpack.unpackb(body, raw=False)
+        doc = msgspec.msgpack.decode(body)
         return NodeState(
-            params={t["name"]: _array(t) for t in doc["tensors"]},
+            params=from_bytes(doc["params"]),
             version=int(doc["version"]),
             round=int(doc["round"]),
             parent_version=doc["parent_version"],
@@ -220,18 +209,6 @@ def decode(data: bytes) -> NodeState:
         )
     except Exception as exc:  # a valid checksum over a body we cannot read
         raise CorruptCheckpoint(f"bad body: {type(exc).__name__}: {exc}") from None
-
-
-def _raw(arr: np.ndarray) -> memoryview:
-    """The array's bytes without a copy when it is already contiguous."""
-    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
-
-
-def _array(t: dict[str, Any]) -> np.ndarray:
-    dtype = np.dtype(t["dtype"])
-    if dtype.hasobject:
-        raise ValueError(f"{t['name']}: object dtype")
-    return np.frombuffer(t["bytes"], dtype=dtype).reshape(t["shape"]).copy()
 
 
 def _write_durably(target: Path, pieces: list[bytes]) -> None:

@@ -153,6 +153,16 @@ class _RoleSettings(BaseSettings):
             raise ValueError(f"{v!r} is not an id: use 1-64 of A-Z a-z 0-9 _ -")
         return v
 
+    @field_validator("update_codec", check_fields=False)
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        """A registered codec, or one of one's own loaded (and registered) from its ref."""
+        if v == "auto":
+            return v
+        from . import codecs  # numpy and torch: only for the roles that send updates
+
+        return codecs.load_codec(v).name
+
 
 class DeviceSettings(_RoleSettings):
     """A device agent (a board, or one simulated device)."""
@@ -166,7 +176,12 @@ class DeviceSettings(_RoleSettings):
     compute: Literal["cpu", "cuda", "auto"] = Field("auto", description="where to train")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads")
     heartbeat_s: float = Field(30.0, gt=0, description="status republish period")
-    update_dtype: Literal["u8", "f32"] = Field("u8", description="uint8 deltas, or float32")
+    update_codec: str = Field(
+        "auto",
+        description="auto: u8, or topk when the uplink is too slow for the deadline; "
+        "or a codec: u8, topk, f32, f16, 'module:attribute'",
+    )
+    topk_fraction: float = Field(0.1, gt=0, le=1, description="share of values topk keeps")
     stochastic_rounding: bool = Field(False, description="unbiased rounding of deltas")
     error_feedback: bool = Field(True, description="carry the quantization error forward")
     hmac_key: str | None = Field(None, description="hex key to sign updates (HMAC-SHA256)")
@@ -283,7 +298,8 @@ class AggregatorSettings(_RoleSettings):
     downlink_fraction: float = Field(
         0.1, gt=0, le=1, description="share of values a sparse downlink delta keeps (topk)"
     )
-    update_dtype: Literal["u8", "f32"] = "u8"
+    update_codec: str = Field("u8", description="the sync update's codec (u8, topk, ...)")
+    topk_fraction: float = Field(0.1, gt=0, le=1, description="share of values topk keeps")
     checkpoint: bool = Field(True, description="checkpoint to state_dir after each round")
     heartbeat_s: float = Field(30.0, gt=0, description="status republish period")
     policy: PolicySettings = Field(default_factory=PolicySettings)

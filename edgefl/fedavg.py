@@ -1,19 +1,20 @@
 """Federated averaging: a streaming weighted sum, staleness weights, update norms.
 
-Pure numpy (torch for the quantized fold) over ``(delta, weight)`` pairs; never
+Pure numpy (torch for the codecs' fold) over ``(delta, weight)`` pairs; never
 imports asyncio or MQTT. ``StreamingAverage`` holds O(model) memory whatever the
 number of updates; the robust rules live in ``robust``.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
+from . import codecs
+from .codecs import Scratch
 from .params import Params
 from .wire import QTensor
 
@@ -52,81 +53,10 @@ class Aggregate(Protocol):
     def result(self) -> Params: ...
 
 
-#: Quantized updates summed in float32 before the block joins the float64 total: a
+#: Encoded updates summed in float32 before the block joins the float64 total: a
 #: float32 fold moves half the bytes of a float64 one (it is the receive path's main
 #: cost), and 64 float32 additions stay far below the uint8 quantization error.
 BLOCK = 64
-
-# torch.frombuffer warns that a bytes payload is read-only; the fold only reads it.
-warnings.filterwarnings(
-    "ignore", message="The given buffer is not writable", category=UserWarning, module=__name__
-)
-
-
-#: Below this many values numpy's smaller per-call overhead beats torch's fused kernel.
-TORCH_FOLD_MIN = 8192
-_TORCH_DTYPES = {np.uint8: torch.uint8, np.float32: torch.float32}
-
-
-def _fold(
-    pair: tuple[np.ndarray, torch.Tensor],
-    q: bytes,
-    dtype: type[np.generic],
-    coef: float,
-    widened: torch.Tensor | None = None,
-) -> None:
-    """``block += coef * q`` for little-endian ``q`` of ``dtype``, in float32.
-
-    ``widened`` is ``q`` already in float32 (``Scratch`` left it there for the norm).
-    """
-    block, view = pair
-    if widened is not None:
-        view.add_(widened, alpha=coef)
-    elif block.size >= TORCH_FOLD_MIN:
-        view.add_(torch.frombuffer(q, dtype=_TORCH_DTYPES[dtype]), alpha=coef)
-    else:
-        block += np.frombuffer(q, dtype) * np.float32(coef)
-
-
-class Scratch:
-    """Reused float32 buffers, one per tensor name: an update's squared norm widens its
-    uint8 values once, and a fold right after reads them instead of the bytes again."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-        self.names: set[str] = set()  # whose buffer holds the update measured last
-
-    def squared_norm(self, tensors: Sequence[QTensor]) -> float:
-        """``||lo + scale*q||^2`` of a delta in float64 from float32 sums (inf if absurd).
-
-        For uint8: ``N lo^2 + 2 lo scale sum(q) + scale^2 sum(q^2)``: one widening pass
-        and two reductions, no dequantized copy.
-        """
-        names = self.names
-        names.clear()
-        total = 0.0
-        for t in tensors:
-            if t.dtype == "f32":
-                x = np.frombuffer(t.q, dtype="<f4")
-                total += float(np.dot(x, x))
-                continue
-            size = len(t.q)
-            if size >= TORCH_FOLD_MIN:
-                buf = self._buffers.get(t.name)
-                if buf is None or buf.numel() != size:
-                    buf = self._buffers[t.name] = torch.empty(size)
-                buf.copy_(torch.frombuffer(t.q, dtype=torch.uint8))
-                names.add(t.name)
-                s1, s2 = float(buf.sum()), float(buf.dot(buf))
-            else:  # float32 sums of at most 8191 integers below 2**16: exact
-                a = np.frombuffer(t.q, dtype=np.uint8).astype(np.float32)
-                s1, s2 = float(a.sum()), float(a @ a)
-            lo, sc = t.lo, t.scale
-            total += max(0.0, size * lo * lo + 2.0 * lo * sc * s1 + sc * sc * s2)
-        return total
-
-    def widened(self, name: str) -> torch.Tensor | None:
-        return self._buffers[name] if name in self.names else None
 
 
 class StreamingAverage:
@@ -170,13 +100,13 @@ class StreamingAverage:
         scale: float = 1.0,
         scratch: Scratch | None = None,
     ) -> None:
-        """Fold wire tensors, times ``scale`` (a clip), without a float copy: ``c*lo + (c*s)*q``
-        with ``c = weight * scale``; ``weight`` alone joins the total.
+        """Fold checked wire tensors times ``scale`` (a clip) through their codecs, without
+        a float copy where the codec can (u8: ``c*lo + (c*s)*q`` with ``c = weight *
+        scale``); ``weight`` alone joins the total.
 
-        On the receive path of every aggregator: per tensor one dict lookup and one
-        multiply-add from the payload's bytes into a preallocated block; fused in
-        torch for large tensors (numpy widens uint8 in an extra pass, 1.7x the cost),
-        in numpy for small ones (a torch call costs more than the arithmetic).
+        On the receive path of every aggregator: per tensor one dict lookup and the
+        codec's multiply-add from the payload's bytes into a preallocated block;
+        ``scratch`` holds what measuring the update decoded already.
         """
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
@@ -188,13 +118,9 @@ class StreamingAverage:
                 size = self._slot(t.name, tuple(t.shape)).size
                 block = np.zeros(size, np.float32)
                 pair = blocks[t.name] = (block, torch.from_numpy(block))
-            if t.dtype == "u8":
-                self._offset[t.name] = self._offset.get(t.name, 0.0) + coef * t.lo
-                if t.scale:
-                    wide = scratch.widened(t.name) if scratch is not None else None
-                    _fold(pair, t.q, np.uint8, coef * t.scale, wide)
-            else:
-                _fold(pair, t.q, np.float32, coef)
+            offset = codecs.get(t.codec).fold(pair, t, coef, scratch)
+            if offset:
+                self._offset[t.name] = self._offset.get(t.name, 0.0) + offset
         self.count += 1
         self.total_weight += weight
         self._in_block += 1

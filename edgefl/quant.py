@@ -1,4 +1,4 @@
-"""uint8 quantization of model deltas, and the error feedback a device carries.
+"""uint8 quantization of arrays: the arithmetic the ``u8`` and ``topk`` codecs share.
 
 Per tensor, asymmetric min/max: ``x ~= lo + scale * q`` with ``q`` in 0..255.
 Pure numpy: never imports asyncio, MQTT or torch.
@@ -6,13 +6,9 @@ Pure numpy: never imports asyncio, MQTT or torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-
-from .params import Params
-from .wire import QTensor
 
 LEVELS = 255
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -67,83 +63,3 @@ def quantize(
 def dequantize(lo: float, scale: float, q: np.ndarray) -> np.ndarray:
     """``lo + scale * q`` in float32."""
     return (np.float32(lo) + np.float32(scale) * q.astype(np.float32)).astype(np.float32)
-
-
-def quantize_params(
-    delta: Mapping[str, np.ndarray],
-    *,
-    stochastic: bool = False,
-    rng: np.random.Generator | None = None,
-) -> list[QTensor]:
-    """Wire tensors (uint8) of a whole delta, in its key order."""
-    out = []
-    for name, arr in delta.items():
-        qt = quantize(arr, stochastic=stochastic, rng=rng)
-        out.append(
-            QTensor(name=name, shape=list(arr.shape), lo=qt.lo, scale=qt.scale, q=qt.q.tobytes())
-        )
-    return out
-
-
-def float_params(delta: Mapping[str, np.ndarray]) -> list[QTensor]:
-    """Wire tensors as raw float32 (``dtype='f32'``): the uncompressed baseline."""
-    return [
-        QTensor(
-            name=name,
-            shape=list(arr.shape),
-            lo=0.0,
-            scale=1.0,
-            q=np.ascontiguousarray(arr, dtype="<f4").tobytes(),
-            dtype="f32",
-        )
-        for name, arr in delta.items()
-    ]
-
-
-def dequantize_tensor(t: QTensor) -> np.ndarray:
-    if t.dtype == "f32":
-        return np.frombuffer(t.q, dtype="<f4").astype(np.float32).reshape(t.shape)
-    q = np.frombuffer(t.q, dtype=np.uint8).reshape(t.shape)
-    return dequantize(t.lo, t.scale, q)
-
-
-def dequantize_params(tensors: Iterable[QTensor]) -> Params:
-    return {t.name: dequantize_tensor(t) for t in tensors}
-
-
-class ErrorFeedback:
-    """The quantization error a sender keeps and adds to its next delta.
-
-    ``compensate`` before quantizing, ``record`` after: the residual is what
-    the receiver did not get, so nothing is lost over rounds, only delayed.
-    """
-
-    def __init__(self, residual: Mapping[str, np.ndarray] | None = None) -> None:
-        self.residual: Params = {k: np.asarray(v, np.float32) for k, v in (residual or {}).items()}
-
-    def compensate(self, delta: Mapping[str, np.ndarray]) -> Params:
-        return {
-            name: (arr + self.residual[name]).astype(np.float32)
-            if name in self.residual and self.residual[name].shape == arr.shape
-            else np.asarray(arr, np.float32)
-            for name, arr in delta.items()
-        }
-
-    def record(self, compensated: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
-        self.residual = {n: (compensated[n] - sent[n]).astype(np.float32) for n in compensated}
-
-    def quantize(
-        self,
-        delta: Mapping[str, np.ndarray],
-        *,
-        stochastic: bool = False,
-        rng: np.random.Generator | None = None,
-    ) -> list[QTensor]:
-        """Compensate, quantize and record in one step; returns the wire tensors."""
-        compensated = self.compensate(delta)
-        tensors = quantize_params(compensated, stochastic=stochastic, rng=rng)
-        self.record(compensated, dequantize_params(tensors))
-        return tensors
-
-    def reset(self) -> None:
-        self.residual = {}

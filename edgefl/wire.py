@@ -46,6 +46,13 @@ class TrainConfig(_Strict):
     clip: float | None = Field(None, gt=0, description="max gradient norm, none to disable")
     accum: int = Field(1, ge=1, le=1024, description="gradient accumulation steps")
     deadline_s: float = Field(30.0, gt=0, description="seconds until the round closes")
+    #: the update codecs a child may send (``edgefl.codecs``); others are refused.
+    codecs: list[Annotated[str, Field(max_length=16)]] = Field(
+        default_factory=lambda: ["u8", "topk", "f32", "f16"], min_length=1, max_length=16
+    )
+    min_fraction: float = Field(
+        0.05, gt=0, le=1, description="least share of a tensor's values a sparse update keeps"
+    )
 
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -55,15 +62,19 @@ Ordinal = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNTER)]
 
 
 class QTensor(msgspec.Struct, forbid_unknown_fields=True):
-    """One tensor of an update: ``x = lo + scale * q``, ``q`` uint8 (or raw float32)."""
+    """One tensor of an update, as its ``codec`` lays it out in ``q`` (``edgefl.codecs``).
+
+    ``u8``: ``x = lo + scale * q`` with ``q`` uint8; ``topk``: the same for the kept
+    values, with their indices; ``f32``/``f16``: raw floats, ``lo = 0``, ``scale = 1``.
+    """
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     shape: Annotated[list[Count], msgspec.Meta(max_length=8)]
     lo: float
     scale: float
     q: bytes
-    #: ``u8`` (the default) or ``f32`` (raw little-endian float32 in ``q``, lo=0, scale=1).
-    dtype: Literal["u8", "f32"] = "u8"
+    #: the registered codec that wrote ``q``: looked up, never compared, by the receiver.
+    codec: Annotated[str, msgspec.Meta(min_length=1, max_length=16)] = "u8"
 
 
 class Update(msgspec.Struct, forbid_unknown_fields=True):
@@ -276,18 +287,14 @@ def _shape_ok(shape: list[int]) -> bool:
 
 
 def check_tensors(update: Update, spec: Spec | None) -> None:
-    """Sizes, finiteness of ``lo``/``scale``, and names/shapes against ``spec``."""
+    """Shape bounds, each tensor's codec check (sizes, finite values), names/shapes
+    against ``spec``."""
+    from . import codecs  # the codecs build on QTensor: imported once wire is whole
+
     for t in update.tensors:
         if not _shape_ok(t.shape):
             raise Rejected(Reason.SHAPE, f"{t.name}: shape {t.shape[:8]} is too large")
-        count = math.prod(t.shape)
-        width = 1 if t.dtype == "u8" else 4
-        if len(t.q) != count * width:
-            raise Rejected(Reason.SHAPE, f"{t.name}: {len(t.q)} bytes for shape {t.shape}")
-        if not (math.isfinite(t.lo) and math.isfinite(t.scale)) or t.scale < 0:
-            raise Rejected(Reason.NONFINITE, f"{t.name}: lo={t.lo} scale={t.scale}")
-        if t.dtype == "f32" and not np.isfinite(np.frombuffer(t.q, dtype="<f4")).all():
-            raise Rejected(Reason.NONFINITE, f"{t.name}: non-finite values")
+        codecs.get(t.codec).check(t)
     if spec is None:
         return
     got = {t.name: tuple(t.shape) for t in update.tensors}

@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
+from .. import codecs
+from ..codecs.topk import kept
 from ..config import AggregatorSettings
 from ..fedavg import StalenessKind, staleness_weight
 from ..params import Spec
@@ -39,7 +39,6 @@ MAX_LOGGED = 10_000
 MAX_LOGGED_UNKNOWN = 20
 SUMMARY_S = 60.0
 
-_F32_MAX = float(np.finfo(np.float32).max)
 #: Deltas with a longer L2 norm are refused as non-finite: with weights up to 2**53 and
 #: 64 updates summed per float32 block, the fold then stays below float32's range.
 FOLD_NORM_LIMIT = 1e15
@@ -52,18 +51,6 @@ class Admitted:
     update: Update
     samples: int
     norm: float
-
-
-def dequantized_finite(tensors: Sequence[QTensor]) -> bool:
-    """Whether every ``lo + scale*q`` stays a finite float32 (f32 tensors are checked at decode).
-
-    ``lo`` and ``scale >= 0`` are finite already, so the extremes are ``lo`` and
-    ``lo + 255*scale``; plain floats keep this off numpy's per-call overhead.
-    """
-    return all(
-        t.dtype != "u8" or (abs(t.lo) <= _F32_MAX and abs(t.lo + 255.0 * t.scale) <= _F32_MAX)
-        for t in tensors
-    )
 
 
 class UpdateGate:
@@ -93,6 +80,8 @@ class UpdateGate:
         max_norm: float | None = None,
         allowed: frozenset[str] | None = None,
         ledger: Ledger | None = None,
+        allowed_codecs: Sequence[str] = ("u8", "topk", "f32", "f16"),
+        min_fraction: float = 0.0,
     ) -> None:
         self.spec = spec
         self.max_bytes = max_bytes
@@ -106,6 +95,9 @@ class UpdateGate:
         self.max_norm = max_norm
         self.allowed = allowed or None
         self.ledger = ledger if ledger is not None else Ledger()
+        #: the round config's limits on what a child sends: its codecs, and k for a sparse one
+        self.allowed_codecs = frozenset(allowed_codecs)
+        self.min_fraction = min_fraction
         #: (sender, inc, seq) of the last update refused for good, for the caller's log.
         self.refused: tuple[str, int, int] | None = None
 
@@ -123,6 +115,8 @@ class UpdateGate:
             max_norm=settings.max_update_norm,
             allowed=frozenset(settings.children) or None,
             ledger=Ledger(settings.max_children),
+            allowed_codecs=settings.train.codecs,
+            min_fraction=settings.train.min_fraction,
         )
 
     @property
@@ -201,9 +195,14 @@ class UpdateGate:
         absurd: float,
     ) -> float:
         """Sizes, shapes, finite values and the norm; returns the norm."""
+        for t in update.tensors:
+            if t.codec not in self.allowed_codecs:
+                raise Rejected(Reason.MALFORMED, f"{t.name}: codec {t.codec[:16]!r} not allowed")
         check_tensors(update, self.spec)
-        if not dequantized_finite(update.tensors):
-            raise Rejected(Reason.NONFINITE, "lo + scale*q overflows float32")
+        for t in update.tensors:
+            count = math.prod(t.shape)
+            if codecs.get(t.codec).values(t) < kept(count, self.min_fraction):
+                raise Rejected(Reason.SHAPE, f"{t.name}: fewer values than {self.min_fraction:g}")
         norm = measure(update.tensors) if measure is not None else 0.0
         if not norm <= FOLD_NORM_LIMIT:
             raise Rejected(Reason.NONFINITE, f"norm {norm:.3g} would overflow the fold")

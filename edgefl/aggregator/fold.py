@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import codecs
+from ..codecs import Scratch
 from ..config import AggregatorSettings
-from ..fedavg import Scratch, StreamingAverage
+from ..fedavg import StreamingAverage
 from ..params import Params
-from ..quant import dequantize_params
 from ..robust import (
     NormWindow,
     Rule,
@@ -117,12 +118,13 @@ class RoundFold:
         return len(self._held)
 
     def measure(self, tensors: Sequence[QTensor]) -> float:
-        """The delta's L2 norm (inf when absurd); leaves it widened for an ``add`` next."""
-        return math.sqrt(self._scratch.squared_norm(tensors))
+        """The delta's L2 norm (inf when absurd); leaves what its codecs decoded in the
+        scratch for an ``add`` next."""
+        return math.sqrt(codecs.squared_norm(tensors, self._scratch))
 
     def add(self, c: Contribution, *, fresh: bool = True) -> None:
         """Take one admitted update with its (finite) norm; ``fresh``: ``measure`` was just
-        called on it, so its widened values are still in the scratch buffers."""
+        called on it, so what it decoded is still in the scratch."""
         self.count += 1
         self._contributions.append((c.weight, c.samples))
         self._weights.append(c.weight)
@@ -203,7 +205,7 @@ class RoundFold:
         for c in self._held:
             scale = clip_scale(c.norm, bound)
             self.clipped += scale < 1.0
-            d = dequantize_params(c.tensors)
+            d = codecs.decode_params(c.tensors)
             deltas.append({n: (a * np.float32(scale)).astype(np.float32) for n, a in d.items()})
         if self.rule == "median":
             return coordinate_median(deltas)

@@ -95,7 +95,7 @@ class Aggregator:
         self.last_selected: dict[str, int] = {}
         nparams = num_parameters(self.params)
         self.gate = UpdateGate.from_settings(settings, self.spec)
-        self.children = Children.from_settings(settings, nparams, self.gate.credentialed)
+        self.children = Children.from_settings(settings, self.spec, self.gate.credentialed)
         self.rejected = Rejections(self.id)
         self.norms = NormWindow()  # recently accepted update norms: the clip bound
         self.round = self._next_round(0)
@@ -124,7 +124,8 @@ class Aggregator:
                 transport=self.transport,
                 sync=ParentSync(dict(self.params), 0, max_staleness=settings.max_staleness),
                 hmac_key=bytes.fromhex(settings.hmac_key) if settings.hmac_key else None,
-                dtype=settings.update_dtype,
+                codec=settings.update_codec,
+                fraction=settings.topk_fraction,
                 retry_s=settings.mqtt.reconnect_min_s,
             )
         self.telemetry = Telemetry(

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +41,8 @@ class ParentLink:
         transport: AnyTransport,
         sync: ParentSync,
         hmac_key: bytes | None = None,
-        dtype: Literal["u8", "f32"] = "u8",
+        codec: str = "u8",
+        fraction: float = 1.0,
         retry_s: float = 0.5,
     ) -> None:
         self.node = node
@@ -50,7 +51,9 @@ class ParentLink:
         self.transport = transport
         self.sync = sync
         self.hmac_key = hmac_key
-        self.dtype = dtype
+        #: the sync's codec (a registered name) and, for a sparse one, its share of values
+        self.codec = codec
+        self.fraction = fraction
         self.retry_s = retry_s
         self.outbox: Outbox | None = None
         self._due = asyncio.Event()
@@ -93,7 +96,12 @@ class ParentLink:
         outbox = self._outbox()
         seq = await asyncio.to_thread(outbox.next_seq, self.node)
         update = self.sync.build(
-            params, sender=self.node, seq=seq, round=round_number, dtype=self.dtype
+            params,
+            sender=self.node,
+            seq=seq,
+            round=round_number,
+            codec=self.codec,
+            fraction=self.fraction,
         )
         if self.hmac_key is not None:
             update = sign(update, self.hmac_key)

@@ -11,7 +11,9 @@ import statistics
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Set
 
+from .. import codecs
 from ..config import AggregatorSettings
+from ..params import Spec
 from ..profiles import Decision, EligibilityPolicy, policy_of
 from ..wire import MAX_COUNTER, Status
 
@@ -64,14 +66,14 @@ class Children:
 
     @classmethod
     def from_settings(
-        cls, settings: AggregatorSettings, parameters: int, allowed: frozenset[str] | None = None
+        cls, settings: AggregatorSettings, spec: Spec, allowed: frozenset[str] | None = None
     ) -> Children:
-        """Judged like the devices judge themselves: the update they would send by the
-        deadline, at ``parameters`` values of the update dtype's width."""
-        width = 1 if settings.update_dtype == "u8" else 4
+        """Judged like the devices judge themselves: whether the smallest update the round
+        config lets them send (``codecs.least_bytes``) goes out by the deadline."""
+        train = settings.train
         return cls(
             policy_of(settings.policy),
-            expected_bytes=parameters * width,
+            expected_bytes=codecs.least_bytes(spec, train.codecs, train.min_fraction),
             deadline_s=settings.train.deadline_s,
             min_uplink_kbps=settings.policy.min_uplink_kbps,
             allowed=allowed,

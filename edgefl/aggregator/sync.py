@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..params import Params, add, copy, subtract
-from ..quant import dequantize_params, float_params, quantize_params
+from .. import codecs
+from ..params import Params, add, copy, from_bytes, subtract, to_bytes
 from ..wire import Update, decode_update
 
 #: What a parent Model says about the sync in flight (see ``ParentSync.on_parent``).
@@ -79,11 +79,13 @@ class ParentSync:
         sender: str,
         seq: int,
         round: int,
-        dtype: Literal["u8", "f32"] = "u8",
+        codec: str = "u8",
+        fraction: float = 1.0,
     ) -> Update:
-        """The sync Update for ``seq``: all unreceipted work; then ``sent`` it."""
+        """The sync Update for ``seq``: all unreceipted work through ``codec`` (a registered
+        name; ``fraction`` for a sparse one); then ``sent`` it."""
         delta = subtract(params, self.reference)
-        tensors = quantize_params(delta) if dtype == "u8" else float_params(delta)
+        tensors = codecs.encode_params(delta, codec, fraction=fraction)
         return Update(
             sender=sender,
             seq=seq,
@@ -103,7 +105,7 @@ class ParentSync:
             n=update.n,
             rounds=self.rounds_since_sync,
             payload=payload,
-            delta=dequantize_params(update.tensors),
+            delta=codecs.decode_params(update.tensors),
             sent_at=self.seen[0] if self.seen is not None else None,
         )
         self.rounds_since_sync = 0
@@ -170,7 +172,7 @@ class ParentSync:
     def to_extra(self) -> dict[str, Any]:
         sync = self.inflight
         return {
-            "reference": _pack(self.reference),
+            "reference": to_bytes(self.reference),
             "parent_version": self.parent_version,
             "rounds_since_sync": self.rounds_since_sync,
             "samples_since_sync": self.samples_since_sync,
@@ -184,14 +186,7 @@ class ParentSync:
     def from_extra(
         cls, extra: Mapping[str, Any], parent_version: int, *, max_staleness: int = 4
     ) -> ParentSync:
-        reference = _unpack(extra["reference"])
-        # Before receipts the reference moved at each sync and the quantization error
-        # was kept apart: what the parent still lacks is reference - residual.
-        residual = _unpack(extra.get("residual", {}))
-        if residual:
-            reference = {
-                n: (a - residual.get(n, 0.0)).astype(np.float32) for n, a in reference.items()
-            }
+        reference = from_bytes(extra["reference"])
         sync = cls(
             reference=reference,
             parent_version=parent_version,
@@ -210,20 +205,6 @@ class ParentSync:
                 n=int(flight["n"]),
                 rounds=int(flight["rounds"]),
                 payload=payload,
-                delta=dequantize_params(update.tensors),
+                delta=codecs.decode_params(update.tensors),
             )
         return sync
-
-
-def _pack(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    return {
-        n: {"shape": list(a.shape), "data": np.ascontiguousarray(a, "<f4").tobytes()}
-        for n, a in params.items()
-    }
-
-
-def _unpack(packed: Mapping[str, Any]) -> Params:
-    return {
-        n: np.frombuffer(t["data"], dtype="<f4").astype(np.float32).reshape(t["shape"])
-        for n, t in packed.items()
-    }

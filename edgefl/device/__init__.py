@@ -10,7 +10,7 @@ from __future__ import annotations
 from .agent import DeviceAgent, serve_device
 from .delivery import Uploader
 from .policy import DEADLINE_PASSED, decide, policy_of, selected
-from .update import Progress, UpdateEncoder, expected_update_bytes, pack_params, unpack_params
+from .update import Progress, UpdateEncoder
 
 __all__ = [
     "DEADLINE_PASSED",
@@ -19,10 +19,7 @@ __all__ = [
     "UpdateEncoder",
     "Uploader",
     "decide",
-    "expected_update_bytes",
-    "pack_params",
     "policy_of",
     "selected",
     "serve_device",
-    "unpack_params",
 ]

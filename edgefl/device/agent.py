@@ -35,11 +35,7 @@ from .delivery import Uploader
 from .policy import policy_of, selected
 from .report import device_status, finite, profile_fields, status_key
 from .rounds import PROGRESS_KEY, Rounds
-from .update import (
-    Progress,
-    UpdateEncoder,
-    expected_update_bytes,
-)
+from .update import Progress, UpdateEncoder
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +105,6 @@ class DeviceAgent:
         self.clock = clock
         self._online = online
         self.spec = self.task.spec()
-        self.expected_bytes = expected_update_bytes(self.spec, settings.update_dtype)
         self._stoppable = accepts_should_stop(self.task.train)
 
         self.outbox: Outbox | None = None

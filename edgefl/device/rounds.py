@@ -87,12 +87,22 @@ class Rounds:
         if agent.mismatch:
             return Decision(False, MODEL_MISMATCH)
         now = agent.clock()
+        deadline = self.deadline(model)
+        # The round's codec and k follow the uplink and the time left, within the
+        # node's limits; the deadline check weighs the update that codec makes.
+        kbps = reading.uplink_kbps if reading.uplink_kbps is not None else agent.uplink.kbps
+        plan = agent.encoder.choose(
+            agent.spec,
+            model.config if model is not None else TrainConfig(),
+            kbps,
+            deadline - now if deadline > 0 else None,
+        )
         return decide(
             agent.policy,
             agent.settings.policy,
             reading,
-            expected_bytes=agent.expected_bytes,
-            deadline=self.deadline(model),
+            expected_bytes=plan.bytes,
+            deadline=deadline,
             now=now,
         )
 
@@ -197,6 +207,8 @@ class Rounds:
             "encode_ms": encode_ms,
             "store_ms": store_ms,
             "upload_bytes": size,
+            "codec": agent.encoder.plan.codec,
+            "fraction": agent.encoder.plan.fraction,
             "compression": float32_bytes(agent.spec) / size,
             "upload_ms": upload_ms,
             "uploaded": sent,

@@ -1,35 +1,28 @@
 """What a device sends and what it remembers across reboots, as pure functions.
 
-Delta to signed Update bytes (uint8 with error feedback, or float32), the expected
-size of that update, and the progress and residual kept in the outbox's state.
-No I/O, no asyncio, no torch.
+Delta to signed Update bytes through the round's codec (``edgefl.codecs``: chosen by
+uplink and deadline within the round config's limits, with error feedback), and the
+progress and residual kept in the outbox's state. No I/O, no asyncio, no torch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import msgpack
+import msgspec
 import numpy as np
 
+from .. import codecs
+from ..codecs import ErrorFeedback, Plan
 from ..config import ConfigError, DeviceSettings
-from ..params import Params, Spec
-from ..quant import ErrorFeedback, float_params, quantize_params
-from ..wire import QTensor, Update, encode_update, sign
+from ..errors import Rejected
+from ..params import Params, Spec, from_bytes, to_bytes
+from ..wire import QTensor, TrainConfig, Update, encode_update, sign
 
-#: Bytes of an encoded Update besides its tensor payloads: the header, then name,
-#: shape, lo and scale per tensor. Only used to judge whether an upload fits a deadline.
-UPDATE_HEADER_BYTES = 160
-TENSOR_HEADER_BYTES = 64
-
-
-def expected_update_bytes(spec: Spec, dtype: str = "u8") -> int:
-    """Encoded size of an update for ``spec``: within a few percent of the real one."""
-    width = 1 if dtype == "u8" else 4
-    values = sum(math.prod(shape) for shape in spec.values())
-    return values * width + UPDATE_HEADER_BYTES + TENSOR_HEADER_BYTES * len(spec)
+log = logging.getLogger(__name__)
 
 
 def float32_bytes(spec: Spec) -> int:
@@ -55,28 +48,48 @@ def is_finite(params: Mapping[str, np.ndarray]) -> bool:
 
 
 class UpdateEncoder:
-    """Delta -> wire tensors -> signed, encoded Update, keeping the quantization error.
+    """Delta -> wire tensors -> signed, encoded Update, keeping what was not sent.
 
-    ``tensors`` runs once per round (the error feedback residual moves on);
-    ``encode`` may run again for the same tensors (it only numbers and signs them).
+    ``choose`` picks the round's codec (``plan``) before it trains; ``tensors`` runs
+    once per round (the error feedback residual moves on); ``encode`` may run again
+    for the same tensors (it only numbers and signs them).
     """
 
     def __init__(self, settings: DeviceSettings, residual: Params | None = None) -> None:
         self.sender = settings.id
-        self.dtype = settings.update_dtype
+        self.codec = settings.update_codec
+        self.fraction = settings.topk_fraction
         self.stochastic = settings.stochastic_rounding
-        self.error_feedback = settings.error_feedback and self.dtype == "u8"
+        self.error_feedback = settings.error_feedback
         self.seed = settings.seed
         self.key = hmac_key(settings.hmac_key)
         self.feedback = ErrorFeedback(residual if self.error_feedback else None)
+        # Until ``choose``: the configured codec, or u8 for auto (no uplink figure yet).
+        self.plan = (
+            Plan("u8", 1.0, 0) if self.codec == "auto" else Plan(self.codec, self.fraction, 0)
+        )
+
+    def choose(
+        self, spec: Spec, config: TrainConfig, kbps: float | None, seconds: float | None
+    ) -> Plan:
+        """The codec and k for this round from the uplink (kbps) and the time left."""
+        self.plan = codecs.plan(
+            spec,
+            prefer=self.codec,
+            allowed=config.codecs,
+            min_fraction=config.min_fraction,
+            fraction=self.fraction,
+            kbps=kbps,
+            seconds=seconds,
+        )
+        return self.plan
 
     def tensors(self, delta: Params, round_: int) -> list[QTensor]:
-        if self.dtype == "f32":
-            return float_params(delta)
+        plan = self.plan
         rng = np.random.default_rng([self.seed, round_]) if self.stochastic else None
         if not self.error_feedback:
-            return quantize_params(delta, stochastic=self.stochastic, rng=rng)
-        return self.feedback.quantize(delta, stochastic=self.stochastic, rng=rng)
+            return codecs.encode_params(delta, plan.codec, fraction=plan.fraction, rng=rng)
+        return self.feedback.encode(delta, plan.codec, fraction=plan.fraction, rng=rng)
 
     def encode(
         self,
@@ -106,22 +119,6 @@ class UpdateEncoder:
         return encode_update(sign(update, self.key) if self.key else update)
 
 
-def pack_params(params: Mapping[str, np.ndarray]) -> bytes:
-    """Float32 arrays as msgpack ``{name: [shape, bytes]}`` (the persisted residual)."""
-    return msgpack.packb(
-        {n: [list(a.shape), np.ascontiguousarray(a, "<f4").tobytes()] for n, a in params.items()},
-        use_bin_type=True,
-    )
-
-
-def unpack_params(data: bytes) -> Params:
-    obj = msgpack.unpackb(data, raw=False)
-    return {
-        name: np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)
-        for name, (shape, raw) in obj.items()
-    }
-
-
 @dataclass
 class Progress:
     """What a restarted device must remember, kept under one outbox state key.
@@ -135,23 +132,31 @@ class Progress:
     residual: Params = field(default_factory=dict)
 
     def dump(self) -> bytes:
-        return msgpack.packb(
+        return msgspec.msgpack.encode(
             {
                 "trained": list(self.trained) if self.trained else None,
                 "model_version": self.model_version,
-                "residual": pack_params(self.residual),
-            },
-            use_bin_type=True,
+                "residual": to_bytes(self.residual),
+            }
         )
 
     @classmethod
     def load(cls, data: bytes | None) -> Progress:
+        """What ``dump`` wrote; a damaged record is logged and a fresh progress returned
+        (the residual is lost, and a round may be trained again: its seq is new)."""
         if not data:
             return cls()
-        doc = msgpack.unpackb(data, raw=False)
-        trained = doc.get("trained")
-        return cls(
-            (int(trained[0]), int(trained[1])) if trained else None,
-            doc.get("model_version"),
-            unpack_params(doc["residual"]) if doc.get("residual") else {},
-        )
+        try:
+            doc = msgspec.msgpack.decode(data, type=_Saved)
+            residual = from_bytes(doc.residual) if doc.residual else {}
+        except (msgspec.DecodeError, msgspec.ValidationError, Rejected) as exc:
+            log.warning("the saved progress is unreadable (%s): starting afresh", exc)
+            return cls()
+        trained = doc.trained
+        return cls((trained[0], trained[1]) if trained else None, doc.model_version, residual)
+
+
+class _Saved(msgspec.Struct):
+    trained: tuple[int, int] | None = None
+    model_version: int | None = None
+    residual: bytes = b""

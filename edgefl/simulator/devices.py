@@ -23,7 +23,7 @@ from ..profiles import MarkovConnectivity, Reading, SimProfile, SimReader
 from ..tasks.training import accepts_should_stop
 
 __all__ = ["SimReader"]
-from ..quant import float_params
+from ..codecs import encode_params
 from ..tasks import DeviceData, TrainResult
 from ..wire import QTensor, TrainConfig
 
@@ -161,7 +161,9 @@ class NaNEncoder:
         return getattr(self._inner, name)
 
     def tensors(self, delta: dict[str, np.ndarray], round_: int) -> list[QTensor]:
-        return float_params({k: np.full(v.shape, np.nan, np.float32) for k, v in delta.items()})
+        return encode_params(
+            {k: np.full(v.shape, np.nan, np.float32) for k, v in delta.items()}, "f32"
+        )
 
 
 class SimulatedTask:

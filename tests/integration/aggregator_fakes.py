@@ -17,6 +17,7 @@ import numpy as np
 from timeouts import within
 
 from edgefl.aggregator import Aggregator
+from edgefl.codecs import encode_params
 from edgefl.config import AggregatorSettings
 from edgefl.params import Params, Spec, spec_of
 from edgefl.signing import sign_model
@@ -78,9 +79,9 @@ def make_update(
     base: int = 0,
     n: int = 10,
     round: int = 0,
-    dtype: str = "f32",
+    codec: str = "f32",
 ) -> Update:
-    tensors = float_params(delta) if dtype == "f32" else quantize_params(delta)
+    tensors = encode_params(delta, codec)
     return Update(sender=sender, seq=seq, round=round, base=base, n=n, tensors=tensors)
 
 

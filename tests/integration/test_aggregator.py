@@ -69,7 +69,7 @@ async def test_every_rejection_is_counted_once_and_a_valid_update_still_lands(
 
         good = make_update("d1", 2, delta_of(2), base=2)
         nan = msgpack.unpackb(encode_update(make_update("d1", 21, delta_of(2), base=2)))
-        nan["tensors"][0].update(dtype="u8", q=bytes(12), lo=float("nan"))
+        nan["tensors"][0].update(codec="u8", q=bytes(12), lo=float("nan"))
         # Content rejections are settled (receipted): each crafted update has its own seq.
         wrong_shape = make_update("d1", 20, {"w": np.zeros((4, 3), np.float32)}, base=2)
         whole = b"\x81\xa1v\x01" + bytes(3000)

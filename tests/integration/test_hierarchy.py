@@ -14,11 +14,11 @@ import pytest
 
 from edgefl.aggregator import Aggregator
 from edgefl.broker import RunningBroker
+from edgefl.codecs import decode_params, encode_params
 from edgefl.config import AggregatorSettings, DeviceSettings
 from edgefl.device import DeviceAgent
 from edgefl.params import Params
 from edgefl.profiles import Reading
-from edgefl.quant import dequantize_params, quantize_params
 from edgefl.tasks import Task
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -81,7 +81,7 @@ async def test_each_tier_publishes_the_sample_weighted_average_of_its_children(
     nodes = [_node(broker, tmp_path, "cloud", min_updates=2, train=deadline, **PLAIN)]
     nodes += [
         _node(
-            broker, tmp_path, gw, min_updates=len(kids), sync_every=2, update_dtype="f32", **PLAIN
+            broker, tmp_path, gw, min_updates=len(kids), sync_every=2, update_codec="f32", **PLAIN
         )
         for gw, kids in FLEET.items()
     ]
@@ -91,9 +91,9 @@ async def test_each_tier_publishes_the_sample_weighted_average_of_its_children(
         for i, (dev, n) in enumerate(FLEET[gw].items()):
             delta = delta_of(10 * r + i + (100 if gw == "gw2" else 0))
             if dtype == "u8":
-                delta = dequantize_params(quantize_params(delta))
+                delta = decode_params(encode_params(delta))
             sent[(dev, r)] = delta
-            await h.send(gw, make_update(dev, r, delta, base=base, n=n, round=r, dtype=dtype))
+            await h.send(gw, make_update(dev, r, delta, base=base, n=n, round=r, codec=dtype))
 
     async with harness(broker.url) as h:
         for gw, kids in FLEET.items():

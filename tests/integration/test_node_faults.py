@@ -145,7 +145,7 @@ async def test_updates_folded_before_a_stop_close_the_round_after_restart_withou
 
 # ------------------------------------------------------- syncs: at least once, folded once
 def _gateway(broker: RunningBroker, state: Path, **kw: Any) -> AggregatorSettings:
-    fields: dict[str, Any] = {"min_updates": 2, "sync_every": 2, "update_dtype": "f32", **PLAIN}
+    fields: dict[str, Any] = {"min_updates": 2, "sync_every": 2, "update_codec": "f32", **PLAIN}
     fields.update(kw)
     return AggregatorSettings(
         id="gw1", tier="gateway", parent="cloud", mqtt={"broker": broker.url}, state_dir=state,

@@ -116,7 +116,7 @@ async def test_an_overflowing_update_is_rejected_before_it_touches_the_model(
     async with harness(broker.url) as h, running(settings) as node:
         await _register(h, ("d1", "evil"))
         await h.wait_model("cloud", 0)
-        bomb = msgpack.unpackb(encode_update(make_update("evil", 0, _honest(), dtype="u8")))
+        bomb = msgpack.unpackb(encode_update(make_update("evil", 0, _honest(), codec="u8")))
         for t in bomb["tensors"]:
             t.update(scale=1.3e36, lo=0.0, q=b"\xff" * len(t["q"]))
         await h.raw("cloud", "evil", msgpack.packb(bomb))
@@ -229,7 +229,7 @@ async def test_a_restart_after_an_attack_resumes_the_same_finite_model(
     broker: RunningBroker, tmp_path: Path
 ) -> None:
     settings = _settings(broker, tmp_path, quorum=1.0)
-    bomb = msgpack.unpackb(encode_update(make_update("evil", 0, _honest(), dtype="u8")))
+    bomb = msgpack.unpackb(encode_update(make_update("evil", 0, _honest(), codec="u8")))
     for t in bomb["tensors"]:
         t.update(scale=1.3e36, lo=0.0, q=b"\xff" * len(t["q"]))
     async with harness(broker.url) as h:

@@ -26,9 +26,9 @@ from secure_fleet import ConfBroker, make_certs, secure_broker
 from timeouts import within
 
 from edgefl.aggregator import Aggregator
+from edgefl.codecs import encode_params
 from edgefl.config import AggregatorSettings, DeviceSettings, MqttSettings
 from edgefl.device import DeviceAgent
-from edgefl.quant import quantize_params
 from edgefl.tasks import Task, load_task
 from edgefl.topics import Topics
 from edgefl.transport import Message, Transport
@@ -227,7 +227,7 @@ def forged_update(task: Task, model_payload: bytes, *, seq: int, key: bytes | No
     delta = {name: np.zeros(shape, np.float32) for name, shape in task.spec().items()}
     update = Update(
         sender="dev-1", seq=seq, round=model.round, base=model.version, n=100,
-        tensors=quantize_params(delta),
+        tensors=encode_params(delta),
     )  # fmt: skip
     return encode_update(sign(update, key) if key is not None else update)
 

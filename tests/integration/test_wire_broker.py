@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from timeouts import within
 
-from edgefl import quant, wire
+from edgefl import codecs, wire
 from edgefl.broker import RunningBroker
 from edgefl.config import MqttSettings
 from edgefl.topics import Topics
@@ -21,7 +21,7 @@ SPEC = {"w": (1000, 1000)}
 def _encoded_update() -> bytes:
     delta = {"w": np.random.default_rng(0).normal(size=SPEC["w"]).astype(np.float32)}
     update = wire.Update(
-        sender="dev-1", seq=1, round=0, base=0, n=10, tensors=quant.quantize_params(delta)
+        sender="dev-1", seq=1, round=0, base=0, n=10, tensors=codecs.encode_params(delta)
     )
     return wire.encode_update(update)
 

@@ -10,9 +10,9 @@ from edgefl.aggregator.fold import RoundFold
 from edgefl.aggregator.rounds import Round, apply_delta, quorum_target
 from edgefl.aggregator.selection import Children, select
 from edgefl.aggregator.sync import ParentSync
+from edgefl.codecs import decode_params, encode_params
 from edgefl.config import PolicySettings
 from edgefl.device.policy import policy_of
-from edgefl.quant import dequantize_params, float_params
 from edgefl.wire import Status, Update, encode_update
 
 
@@ -28,7 +28,7 @@ def _round(
 
 
 def _update(sender: str, value: float = 1.0, n: int = 1, seq: int = 0) -> Update:
-    tensors = float_params({"x": np.full(2, value, np.float32)})
+    tensors = encode_params({"x": np.full(2, value, np.float32)}, "f32")
     return Update(sender=sender, seq=seq, round=0, base=0, n=n, tensors=tensors)
 
 
@@ -177,14 +177,14 @@ def _params(value: float) -> dict[str, np.ndarray]:
     return {"x": np.full(3, value, np.float32)}
 
 
-def _sync(up: ParentSync, model: float, seq: int, dtype: str = "f32") -> Update:
-    update = up.build(_params(model), sender="gw", seq=seq, round=seq, dtype=dtype)  # type: ignore[arg-type]
+def _sync(up: ParentSync, model: float, seq: int, codec: str = "f32") -> Update:
+    update = up.build(_params(model), sender="gw", seq=seq, round=seq, codec=codec)
     up.sent(update, encode_update(update))
     return update
 
 
 def _sent(update: Update) -> float:
-    return float(dequantize_params(update.tensors)["x"][0])
+    return float(decode_params(update.tensors)["x"][0])
 
 
 def test_the_sync_reference_moves_only_on_the_parents_receipt() -> None:
@@ -245,9 +245,9 @@ def test_u8_syncs_carry_their_quantization_error_into_the_next() -> None:
     total = np.zeros(300, np.float64)
     for seq in range(3):
         up.after_round(1)
-        update = up.build(work, sender="gw", seq=seq, round=seq, dtype="u8")
+        update = up.build(work, sender="gw", seq=seq, round=seq, codec="u8")
         up.sent(update, encode_update(update))
-        total += dequantize_params(update.tensors)["x"]
+        total += decode_params(update.tensors)["x"]
         assert up.on_parent(seq + 1, seq + 1, (0, seq)) == "confirmed"
     assert np.abs(total - work["x"]).max() < 1e-5  # what was sent adds up to the work
 
@@ -267,15 +267,12 @@ def test_the_sync_in_flight_survives_a_checkpoint_round_trip() -> None:
     assert back.reference["x"][0] == 1.5
 
 
-def test_a_checkpoint_from_before_receipts_keeps_its_unsent_residual() -> None:
-    old = {
-        "reference": {"x": {"shape": [3], "data": np.full(3, 2.0, "<f4").tobytes()}},
-        "residual": {"x": {"shape": [3], "data": np.full(3, 0.25, "<f4").tobytes()}},
-        "rounds_since_sync": 1,
-        "samples_since_sync": 4,
-    }
-    back = ParentSync.from_extra(old, 1)
-    assert back.inflight is None and back.reference["x"][0] == 1.75
+def test_the_sync_state_round_trips_through_the_checkpoint_extra() -> None:
+    up = ParentSync(_params(2.0), 1)
+    up.after_round(4)
+    back = ParentSync.from_extra(up.to_extra(), 1)
+    assert back.inflight is None and back.samples_since_sync == 4
+    assert np.array_equal(back.reference["x"], up.reference["x"])
 
 
 def test_a_declared_sample_count_is_capped_at_a_multiple_of_the_median() -> None:

@@ -78,7 +78,7 @@ def test_help_lists_every_setting_with_its_default() -> None:
         ("--broker", "127.0.0.1:1883"),
         ("--heartbeat-s", "30.0"),
         ("--policy-min-battery", "0.3"),
-        ("--update-dtype", "u8"),
+        ("--update-codec", "auto"),
     ):
         assert flag in out
         assert f"(default: {default!r})" in out or f"(default: {default})" in out

@@ -36,7 +36,7 @@ def test_every_kit_loads_as_device_settings(path: Path, monkeypatch: pytest.Monk
         monkeypatch.delenv(name)
     settings = load_settings(DeviceSettings, path)
     assert settings.state_dir == Path("/var/lib/edgefl")
-    assert settings.update_dtype == "u8" and settings.error_feedback
+    assert settings.update_codec in ("auto", "u8") and settings.error_feedback
 
 
 @pytest.mark.parametrize("path", KITS, ids=lambda p: p.name)

@@ -27,7 +27,7 @@ def test_help_lists_every_device_setting_with_its_default(
     ("args", "message"),
     [
         (["--heartbeat-s", "-1"], "heartbeat_s"),
-        (["--update-dtype", "f16"], "update_dtype"),
+        (["--update-codec", "nope"], "update_codec"),
         (["--policy-min-battery", "2"], "policy.min_battery"),
         (["--hmac-key", "xyz"], "hmac_key"),
         (["--task", "no_such_module:Task"], "no_such_module"),

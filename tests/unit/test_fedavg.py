@@ -3,7 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgefl import fedavg, quant
+from edgefl import codecs, fedavg
+from edgefl.codecs.base import TORCH_FOLD_MIN
+from edgefl.wire import QTensor
 
 
 def _deltas(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -35,18 +37,22 @@ def test_folding_quantized_tensors_equals_averaging_their_dequantized_values() -
     deltas = _deltas(10, seed=4)
     a, b = fedavg.StreamingAverage(), fedavg.StreamingAverage()
     for i, d in enumerate(deltas):
-        tensors = quant.quantize_params(d)
+        tensors = codecs.encode_params(d)
         a.add_quantized(tensors, i + 1.0)
-        b.add(quant.dequantize_params(tensors), i + 1.0)
+        b.add(codecs.decode_params(tensors), i + 1.0)
     ra, rb = a.result(), b.result()
     assert all(np.abs(ra[n] - rb[n]).max() < 1e-6 for n in ra)
 
 
-@pytest.mark.parametrize("encode", [quant.quantize_params, quant.float_params])
-def test_quantized_fold_is_exact_for_large_and_small_tensors_across_blocks(encode) -> None:
+@pytest.mark.parametrize("codec", ["u8", "f32", "topk"])
+def test_encoded_fold_is_exact_for_large_and_small_tensors_across_blocks(codec: str) -> None:
     """Large tensors fold in torch, small ones in numpy; 70 updates cross a block flush."""
     rng = np.random.default_rng(7)
-    big = (fedavg.TORCH_FOLD_MIN // 64 + 1, 64)
+    big = (TORCH_FOLD_MIN // 64 + 1, 64)
+
+    def encode(d: dict[str, np.ndarray]) -> list[QTensor]:
+        return codecs.encode_params(d, codec, fraction=0.1)
+
     deltas = [
         {
             "big": rng.normal(size=big).astype(np.float32),
@@ -60,7 +66,7 @@ def test_quantized_fold_is_exact_for_large_and_small_tensors_across_blocks(encod
         acc.add_quantized(encode(d), w)
     result = acc.result()
     for name in ("big", "small"):
-        wire = [quant.dequantize_params(encode(d))[name] for d in deltas]
+        wire = [codecs.decode_params(encode(d))[name] for d in deltas]
         expected = np.average(np.stack(wire), axis=0, weights=weights)
         assert np.abs(result[name] - expected).max() < 1e-5
 

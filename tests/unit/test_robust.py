@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from edgefl import fedavg, robust
 from edgefl.aggregator.fold import MIN_NORMS, Contribution, RoundFold
-from edgefl.quant import float_params, quantize_params
+from edgefl.codecs import encode_params
 
 
 def _capped(weights: list[float], share: float) -> list[float]:
@@ -68,7 +68,7 @@ def test_median_trimmed_mean_and_krum_ignore_an_outlier() -> None:
 
 def _fold_all(fold: RoundFold, deltas: list[np.ndarray], weights: list[float]) -> np.ndarray:
     for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
-        tensors = quantize_params({"w": d})
+        tensors = encode_params({"w": d})
         fold.add(Contribution(f"c{i}", tensors, w, fold.measure(tensors)))
     return fold.result()[0]["w"]
 
@@ -93,7 +93,7 @@ def test_round_fold_holds_few_updates_whatever_the_round_size() -> None:
     fold = RoundFold(max_share=0.25, clip_factor=2.0)
     held = []
     for i in range(200):
-        tensors = quantize_params({"w": rng.normal(0, 0.1, 64).astype(np.float32)})
+        tensors = encode_params({"w": rng.normal(0, 0.1, 64).astype(np.float32)})
         fold.add(Contribution(f"c{i}", tensors, float(rng.integers(5, 50)), fold.measure(tensors)))
         held.append(fold.held)
     assert max(held) <= max(MIN_NORMS, 4) + 2 and held[-1] <= 2
@@ -105,7 +105,7 @@ def test_round_fold_matches_plain_fedavg_when_no_rule_binds() -> None:
     weights = [float(w) for w in rng.integers(10, 20, 8)]
     fold = RoundFold(max_share=1.0, clip_factor=0.0)
     for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
-        tensors = float_params({"w": d})
+        tensors = encode_params({"w": d}, "f32")
         fold.add(Contribution(f"c{i}", tensors, w, fold.measure(tensors)))
     got = fold.result()[0]["w"]
     np.testing.assert_allclose(got, np.average(deltas, axis=0, weights=weights), atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefl import quant, wire
+from edgefl import codecs, wire
 from edgefl.wire import Reason, Rejected
 
 SPEC = {"w": (4, 3), "b": (3,)}
@@ -26,7 +26,7 @@ def _update(**overrides: object) -> wire.Update:
         "base": 5,
         "n": 40,
         "metrics": {"loss": 0.5},
-        "tensors": quant.quantize_params(delta),
+        "tensors": codecs.encode_params(delta),
     }
     fields.update(overrides)
     return wire.Update(**fields)  # type: ignore[arg-type]
@@ -45,7 +45,7 @@ def test_update_round_trip_is_exact() -> None:
 
 def test_update_size_is_one_byte_per_parameter_plus_headers() -> None:
     big = {"w": np.zeros((1000, 100), np.float32)}
-    data = wire.encode_update(_update(tensors=quant.quantize_params(big)))
+    data = wire.encode_update(_update(tensors=codecs.encode_params(big)))
     assert 100_000 < len(data) < 100_000 + 200
 
 
@@ -89,7 +89,7 @@ def test_oversized_payload_is_rejected_before_parsing() -> None:
 
 def test_nonfinite_float32_tensor_is_rejected() -> None:
     delta = {"w": np.zeros((4, 3), np.float32), "b": np.array([1, np.nan, 2], np.float32)}
-    data = wire.encode_update(_update(tensors=quant.float_params(delta)))
+    data = wire.encode_update(_update(tensors=codecs.encode_params(delta, "f32")))
     assert _reason(data) is Reason.NONFINITE
 
 
