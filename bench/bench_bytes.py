@@ -133,11 +133,11 @@ def main() -> int:
     if ours is None:
         return 0
     ratio = (ours["up"] + ours["down"]) / (ref["up"] + ref["down"])
-    points = 100 * ((ref["accuracy"] or 0) - (ours["accuracy"] or 0))
-    ok = ratio <= TARGET_RATIO and points <= ACCURACY_POINTS
+    points = 100 * ((ours["accuracy"] or 0) - (ref["accuracy"] or 0))
+    ok = ratio <= TARGET_RATIO and points >= -ACCURACY_POINTS
     print(
         f"topk: {ratio:.3f}x float32 bytes per round (target <= {TARGET_RATIO}), "
-        f"accuracy {points:+.2f} points below float32 (target <= {ACCURACY_POINTS}): "
+        f"accuracy {points:+.2f} points against float32 (target >= -{ACCURACY_POINTS}): "
         f"{'met' if ok else 'NOT met'}"
     )
     return 0 if ok else 1

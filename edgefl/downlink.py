@@ -56,10 +56,11 @@ class Shared:
         self.version: int | None = None
 
     def move(self, params: Params, version: int) -> Delta | None:
-        """Move the shared model towards ``params`` as ``version``; the Delta from the one
-        before, or None when there is none to go from (the first version, or a gap)."""
+        """Move the shared model towards ``params`` as ``version``; the Delta from the
+        version published before (a node that adopted its parent's model right after a
+        round skips one), or None when there is none to go from (the first version)."""
         held, base = self.held, self.version
-        if held is None or base is None or version != base + 1:
+        if held is None or base is None or version <= base:
             self.held, self.version = held_as(params, self.dtype), version
             return None
         from . import codecs
@@ -81,7 +82,7 @@ class Follower:
     def need(self, version: int) -> Need:
         if self.held is not None and self.version == version:
             return "none"
-        if self.held is not None and self.version == version - 1:
+        if self.held is not None and self.version is not None and self.version < version:
             return "delta"
         return "model"
 

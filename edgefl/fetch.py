@@ -10,6 +10,8 @@ holds it. Everything is checked (signature, versions, shapes) and refusals count
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 
@@ -33,6 +35,9 @@ from .wire import (
 
 log = logging.getLogger(__name__)
 
+#: How long a child waits for the delta it needs before it fetches the whole model.
+DELTA_WAIT_S = 2.0
+
 
 class ModelFeed:
     """The parent's announcements and models as one child receives them.
@@ -54,6 +59,7 @@ class ModelFeed:
         always_delta: bool = False,
         floor: int | None = None,
         on_refuse: Callable[[Rejected], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.topics = topics
         self.parent = parent
@@ -75,6 +81,9 @@ class ModelFeed:
         self.ignored: Counter[str] = Counter()
         self._on_refuse = on_refuse
         self.subscribed: set[str] = set()
+        self.clock = clock
+        #: the version a delta is awaited for, and since when
+        self._delta_for: tuple[int, float] | None = None
         self._round = topics.round(parent)
         self._delta = topics.delta(parent)
         self._model = topics.model(parent)
@@ -95,9 +104,18 @@ class ModelFeed:
         return {self._round, self._delta} if self.always_delta else {self._round}
 
     def wanted(self, version: int | None) -> set[str]:
-        """The topics to hold ``version`` (None: no need for a model now)."""
+        """The topics to hold ``version`` (None: no need for a model now).
+
+        A delta that does not come within ``DELTA_WAIT_S`` (the node restarted and sent
+        that version whole, or the delta went missing) gives way to the whole model.
+        """
         out = self.base_topics()
         need = "none" if version is None else self.follower.need(version)
+        if need == "delta":
+            if self._delta_for is None or self._delta_for[0] != version:
+                self._delta_for = (version, self.clock())
+            elif self.clock() - self._delta_for[1] > DELTA_WAIT_S:
+                need = "model"
         if need == "delta":
             out.add(self._delta)
         elif need == "model":
@@ -127,6 +145,7 @@ class ModelFeed:
                 delta = decode_delta(payload, self.spec, max_bytes=self.max_bytes)
                 if self.follower.held is None or delta.base != self.follower.version:
                     self.gaps += 1  # not from what we hold: the whole model is fetched instead
+                    self._delta_for = (delta.version, -math.inf)  # fetch it whole at once
                     return False
                 self._check(delta, self.follower.version)
                 params = self.follower.take_delta(delta)
