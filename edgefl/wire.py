@@ -164,7 +164,8 @@ class Model(_Strict):
 
 
 class Delta(msgspec.Struct, forbid_unknown_fields=True):
-    """Version ``version`` of a node's model as ``base`` plus these quantized tensors.
+    """Version ``version`` of a node's model as ``base`` (the version it published
+    before) plus these quantized tensors.
 
     Child and node apply it the same way (``downlink.advance``), so both hold the same
     bits; a child that does not hold ``base`` fetches the whole Model instead.
@@ -373,7 +374,7 @@ def decode_delta(
         raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if delta.v != SCHEMA_VERSION:
         raise Rejected(Reason.MALFORMED, f"schema version {delta.v!r}")
-    if delta.version != delta.base + 1:
+    if delta.version <= delta.base:
         raise Rejected(Reason.VERSION, f"delta from v{delta.base} to v{delta.version}")
     check_tensors(delta, spec)
     return delta

@@ -341,6 +341,7 @@ class DeviceAgent:
         backlog = await asyncio.to_thread(self._box().backlog)
         self.last_metrics = finite(
             {
+            await self.fetch()  # a delta that did not come gives way to the whole model
                 **fields,
                 **profile_fields(reading, self.uplink.kbps),
                 "buffered": backlog.pending,

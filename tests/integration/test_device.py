@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from aggregator_fakes import publish_round
 from fake_broker import FakeBroker
 from timeouts import within
 
@@ -102,17 +103,17 @@ class Gateway:
 
     async def publish_model(
         self, params: Params, *, version: int, round_: int, deadline_in: float = 60.0, **config: Any
-    ) -> wire.Model:
-        model = wire.Model(
-            sender=GW,
+    ) -> wire.Announcement:
+        return await publish_round(
+            self.transport,
+            TOPICS,
+            GW,
+            params,
             version=version,
             round=round_,
-            tensors=wire.model_tensors(params),
             config=wire.TrainConfig(**{"epochs": 2, "lr": 0.1, **config}),
             deadline=time.time() + deadline_in,
         )
-        await self.transport.publish(TOPICS.model(GW), wire.encode_model(model), retain=True)
-        return model
 
     def status_of(self, dev: str = DEV) -> wire.Status | None:
         return next((s for s in reversed(self.statuses) if s.id == dev), None)

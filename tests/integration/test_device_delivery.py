@@ -32,6 +32,7 @@ from edgefl.topics import Topics
 from edgefl.transport import Transport
 
 sys.path.insert(0, str(Path(__file__).parent))
+from aggregator_fakes import publish_round
 from test_device import serving
 
 pytestmark = pytest.mark.integration
@@ -103,17 +104,18 @@ class Node:
         receipts: dict[str, tuple[int, int]] | None = None,
         deadline_s: float = 30.0,
     ) -> None:
-        model = wire.Model(
-            sender=GW,
+        await self.transport.wait_connected(10)
+        await publish_round(
+            self.transport,
+            TOPICS,
+            GW,
+            self.task.init_params(),
             version=version,
             round=version,
-            tensors=wire.model_tensors(self.task.init_params()),
             config=wire.TrainConfig(deadline_s=deadline_s),
             deadline=time.time() + 60,
             receipts=receipts or {},
         )
-        await self.transport.wait_connected(10)
-        await self.transport.publish(TOPICS.model(GW), wire.encode_model(model), retain=True)
 
 
 def settings(url: str, state_dir: Path) -> DeviceSettings:
