@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli import port
 from .errors import EdgeflError
 from .supervise import bounded, wait_event
 
@@ -51,6 +52,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on ``host:port`` (a bind there would succeed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
@@ -85,6 +97,12 @@ class RunningBroker:
     @property
     def url(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def log_tail(self, chars: int = 300) -> str:
+        """The end of the broker's log, on one line: why it exited."""
+        logs = list(self.workdir.glob("*.log")) if self.workdir is not None else []
+        text = logs[0].read_text(errors="replace")[-chars:] if logs else ""
+        return " / ".join(line.strip() for line in text.splitlines() if line.strip()) or "no log"
 
     def stop(self, timeout_s: float = 10.0) -> None:
         proc = self.process
@@ -285,7 +303,7 @@ def start_broker(
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", default="1883", help="port to listen on (0: a free one)")
+    parser.add_argument("--port", type=port, default=1883, help="port to listen on (0: a free one)")
     parser.add_argument(
         "--embedded",
         action="store_true",
@@ -301,9 +319,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run a broker in the foreground until Ctrl-C or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    port = int(args.port) if str(args.port).isdigit() else -1
-    if not 0 <= port < 65536:
-        print(f"edgefl broker: error: --port {args.port!r} is not in 0..65535", file=sys.stderr)
+    port = args.port
+    if port and not port_free(args.host, port):
+        print(
+            f"edgefl broker: error: {args.host}:{port} is already in use (another broker?)",
+            file=sys.stderr,
+        )
         return 2
     conf = Path(args.mosquitto_config) if args.mosquitto_config else None
     if conf is not None and not conf.is_file():
@@ -326,7 +347,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"{running.kind} listening on {running.url} (Ctrl-C stops it)", flush=True)
             while not stopped.is_set() and running.process is not None:
                 if running.process.poll() is not None:
-                    print(f"{running.kind} exited with code {running.process.returncode}")
+                    print(
+                        f"edgefl broker: error: {running.kind} exited with code "
+                        f"{running.process.returncode}: {running.log_tail()}",
+                        file=sys.stderr,
+                    )
                     return 1
                 stopped.wait(0.5)
         finally:

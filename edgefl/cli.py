@@ -14,8 +14,11 @@ import importlib
 import logging
 import signal
 import sys
+import tempfile
+import typing
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -31,15 +34,64 @@ from .config import (
     nest,
     parse_flag_value,
 )
+from .errors import EdgeflError
 
 log = logging.getLogger("edgefl")
 
 #: Short spellings for the flags people type most.
-ALIASES = {"mqtt.broker": ["--broker"], "mqtt.prefix": ["--prefix"]}
+ALIASES = {
+    "mqtt.broker": ["--broker"],
+    "mqtt.prefix": ["--prefix"],
+    "inference.port": ["--predict-port"],
+}
+#: Settings no command line sets: the command itself says which role runs.
+SET_BY_COMMAND = {"tier"}
+#: Settings of a node with a parent: ``edgefl cloud`` does not offer them.
+GATEWAY_ONLY = {"parent", "sync_every", "parent_key", "max_version_jump", "hmac_key"}
+#: The subcommands that hand their arguments to a module's ``configure_parser``/``main``.
+DELEGATED = (
+    ("simulate", "simulator", "simulate a whole fleet on this machine"),
+    ("monitor", "monitor", "live view of a fleet's metrics and status topics"),
+    ("dashboard", "dashboard", "the fleet in a web page, live from its metrics and status topics"),
+    ("broker", "broker", "start a local broker (Mosquitto, or the embedded one)"),
+    ("credentials", "credentials", "create broker passwords and update-signing keys"),
+)
 
 
-class UsageError(Exception):
+class UsageError(EdgeflError, ValueError):
     """A command line that cannot run; printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (a free one) to 65535."""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of 1 or more."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of 1 or more, got {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
 
 
 def _flag(dotted: str) -> str:
@@ -58,17 +110,33 @@ def _default_text(info: Any) -> str:
     return repr(value) if value in ("", None) or isinstance(value, str) else str(value)
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+def _choices(ann: Any) -> tuple[str, ...] | None:
+    """The allowed values of a Literal (or optional Literal) setting."""
+    for arg in (ann, *typing.get_args(ann)):
+        if typing.get_origin(arg) is typing.Literal:
+            return tuple(str(v) for v in typing.get_args(arg))
+    return None
+
+
+def add_settings_flags(
+    parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str] = SET_BY_COMMAND
+) -> None:
     """One flag per leaf setting, help text with its default; absent flags stay unset."""
     groups: dict[str, Any] = {}
     for dotted, info in iter_fields(model):
+        if dotted in skip:
+            continue
         section = dotted.rpartition(".")[0]
         group = groups.get(section)
         if group is None:
             title = f"[{section}] settings" if section else "settings"
             group = groups[section] = parser.add_argument_group(title)
         names = [_flag(dotted), *ALIASES.get(dotted, [])]
-        help_text = f"{info.description or ''} (default: {_default_text(info)})".strip()
+        choices = _choices(info.annotation)
+        text = info.description or dotted.rpartition(".")[2].replace("_", " ")
+        if choices:
+            text += f"; one of {', '.join(choices)}"
+        help_text = f"{text} (default: {_default_text(info)})"
         if is_bool(info.annotation):
             group.add_argument(
                 *names,
@@ -79,18 +147,42 @@ def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) 
             )
         else:
             group.add_argument(
-                *names, dest=dotted, default=argparse.SUPPRESS, metavar="VALUE", help=help_text
+                *names,
+                dest=dotted,
+                default=argparse.SUPPRESS,
+                choices=choices,
+                metavar="{" + ",".join(choices) + "}" if choices else "VALUE",
+                help=help_text,
             )
 
 
-def settings_from_args(model: type[Any], args: argparse.Namespace) -> Any:
+def settings_from_args(
+    model: type[Any], args: argparse.Namespace, defaults: dict[str, Any] | None = None
+) -> Any:
+    """Settings from ``--config``, the environment and the flags, over ``defaults``."""
     fields = dict(iter_fields(model))
-    flat = {
-        dotted: parse_flag_value(fields[dotted].annotation, value)
-        for dotted, value in vars(args).items()
-        if dotted in fields
-    }
-    return load_settings(model, getattr(args, "config", None), nest(flat))
+    flat, flags = {}, {}
+    for dotted, value in vars(args).items():
+        if dotted not in fields:
+            continue
+        flags[dotted] = _flag(dotted)
+        try:
+            flat[dotted] = parse_flag_value(fields[dotted].annotation, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{_flag(dotted)}: {exc}") from None
+    config = getattr(args, "config", None)
+    return load_settings(model, config, nest(flat), flags=flags, defaults=defaults)
+
+
+def check_state_dir(path: Path) -> None:
+    """The state directory exists (or is created) and takes files; ``ConfigError`` if not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"state_dir {path}: not a writable directory ({reason})") from None
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -124,6 +216,7 @@ def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
 
 def _cmd_device(args: argparse.Namespace) -> int:
     settings = settings_from_args(DeviceSettings, args)
+    check_state_dir(settings.state_dir)
     setup_logging(settings.log_level)
     from .device import serve_device
 
@@ -133,10 +226,15 @@ def _cmd_device(args: argparse.Namespace) -> int:
 
 def _aggregator_command(tier: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        if getattr(args, "tier", tier) != tier:
-            raise UsageError(f"'edgefl {tier}' runs the {tier} tier; drop --tier")
         args.tier = tier
-        settings = settings_from_args(AggregatorSettings, args)
+        # The cloud is the node its gateways name as their parent, unless set otherwise.
+        defaults = {"id": "cloud"} if tier == "cloud" else {}
+        settings = settings_from_args(AggregatorSettings, args, defaults)
+        if settings.tier != tier:
+            raise UsageError(
+                f"'edgefl {tier}' runs the {tier} tier; the settings say {settings.tier}"
+            )
+        check_state_dir(settings.state_dir)
         setup_logging(settings.log_level)
         from .aggregator import serve_aggregator
 
@@ -155,7 +253,7 @@ def _delegate(module: str, name: str = "main") -> Callable[[argparse.Namespace],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="edgefl",
         description="Hierarchical edge-to-cloud federated learning over MQTT.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -164,38 +262,52 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     role_help = "settings: TOML file < EDGEFL_* environment (EDGEFL_MQTT__BROKER=...) < flags"
-    for name, model, func, text in (
-        ("device", DeviceSettings, _cmd_device, "run a device agent (a board)"),
-        ("gateway", AggregatorSettings, _aggregator_command("gateway"), "run a gateway node"),
-        ("cloud", AggregatorSettings, _aggregator_command("cloud"), "run the cloud node"),
+    for name, model, func, text, skip in (
+        ("device", DeviceSettings, _cmd_device, "run a device agent (a board)", SET_BY_COMMAND),
+        (
+            "gateway",
+            AggregatorSettings,
+            _aggregator_command("gateway"),
+            "run a gateway node",
+            SET_BY_COMMAND,
+        ),
+        (
+            "cloud",
+            AggregatorSettings,
+            _aggregator_command("cloud"),
+            "run the cloud node (id: cloud unless set)",
+            SET_BY_COMMAND | GATEWAY_ONLY,
+        ),
     ):
         p = sub.add_parser(name, help=text, description=f"{text}. {role_help}")
         p.add_argument("--config", "-c", metavar="FILE.toml", help="settings file (TOML)")
-        add_settings_flags(p, model)
-        p.set_defaults(func=func)
+        add_settings_flags(p, model, skip)
+        p.set_defaults(func=func, parser=p)
 
-    for module, text in (
-        ("simulator", "simulate a whole fleet on this machine"),
-        ("monitor", "live view of a fleet's metrics and status topics"),
-        ("dashboard", "the fleet in a web page, live from its metrics and status topics"),
-        ("broker", "start a local broker (Mosquitto, or the embedded one)"),
-        ("credentials", "create broker passwords and update-signing keys"),
-    ):
-        with contextlib.suppress(ImportError):
-            mod = importlib.import_module(f"edgefl.{module}")
-            configure = getattr(mod, "configure_parser", None)
-            if configure is None:
-                continue
-            cmd = "simulate" if module == "simulator" else module
-            p = sub.add_parser(cmd, help=text, description=text)
-            configure(p)
-            p.set_defaults(func=_delegate(module))
+    for cmd, module, text in DELEGATED:
+        # An import error here is a broken install: it must surface, not hide a command.
+        configure = importlib.import_module(f"edgefl.{module}").configure_parser
+        p = sub.add_parser(
+            cmd,
+            help=text,
+            description=text,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        configure(p)
+        p.set_defaults(func=_delegate(module), parser=p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exit_:
+        if exit_.code != 2:
+            raise  # --help, --version
+        return 2  # the parser said why, in one line
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UsageError) as exc:

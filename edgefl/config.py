@@ -8,6 +8,8 @@ Never reads the network or starts anything.
 from __future__ import annotations
 
 import json
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -17,6 +19,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -31,6 +34,11 @@ from .wire import TrainConfig
 LinkType = Literal["ethernet", "wifi", "cellular", "unknown"]
 #: An Ed25519 key, private or public, in hex (``edgefl.signing``).
 KEY_PATTERN = r"^[0-9a-fA-F]{64}$"
+#: An HMAC key in hex: at least 16 bytes.
+HMAC_PATTERN = r"^(?:[0-9a-fA-F]{2}){16,512}$"
+#: ``EDGEFL_`` variables read by other commands, not settings of a role.
+OTHER_VARIABLES = frozenset({"EDGEFL_NEW_PASSWORD", "EDGEFL_MONITOR_PASSWORD"})
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 class ConfigError(EdgeflError, ValueError):
@@ -142,16 +150,14 @@ class _RoleSettings(BaseSettings):
         default_factory=dict, description="keyword options for the task (JSON on the CLI)"
     )
     state_dir: Path = Field(Path("./edgefl-state"), description="outbox, checkpoints, residual")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: LogLevel = Field("INFO", description="least severe log lines shown")
     seed: int = Field(0, description="seed for shuffling, rounding and selection")
     metrics: bool = Field(True, description="publish JSON metrics")
 
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not ID_RE.match(v):
-            raise ValueError(f"{v!r} is not an id: use 1-64 of A-Z a-z 0-9 _ -")
-        return v
+        return check_id(v)
 
     @field_validator("update_codec", check_fields=False)
     @classmethod
@@ -162,6 +168,13 @@ class _RoleSettings(BaseSettings):
         from . import codecs  # numpy and torch: only for the roles that send updates
 
         return codecs.load_codec(v).name
+
+
+def check_id(v: str) -> str:
+    """A node id as topics need it; ``ValueError`` with the rule otherwise."""
+    if not ID_RE.match(v):
+        raise ValueError(f"{v!r} is not an id: use 1-64 of A-Z a-z 0-9 _ -")
+    return v
 
 
 class DeviceSettings(_RoleSettings):
@@ -184,9 +197,13 @@ class DeviceSettings(_RoleSettings):
     topk_fraction: float = Field(0.1, gt=0, le=1, description="share of values topk keeps")
     stochastic_rounding: bool = Field(False, description="unbiased rounding of deltas")
     error_feedback: bool = Field(True, description="carry the quantization error forward")
-    hmac_key: str | None = Field(None, description="hex key to sign updates (HMAC-SHA256)")
+    hmac_key: str | None = Field(
+        None, pattern=HMAC_PATTERN, description="hex key to sign updates (HMAC-SHA256)"
+    )
     outbox_max_entries: int = Field(1000, ge=1, description="oldest dropped beyond this")
-    outbox_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    outbox_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="oldest dropped beyond this many bytes"
+    )
     parent_key: str | None = Field(
         None,
         pattern=KEY_PATTERN,
@@ -202,11 +219,18 @@ class DeviceSettings(_RoleSettings):
     energy: EnergySettings = Field(default_factory=EnergySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
 
+    @field_validator("gateway")
+    @classmethod
+    def _gateway(cls, v: str) -> str:
+        return check_id(v)
+
 
 class AggregatorSettings(_RoleSettings):
     """A gateway or the cloud: the same aggregation node, another tier."""
 
-    tier: Literal["gateway", "cloud"] = Field("gateway", description="node tier")
+    tier: Literal["gateway", "cloud"] = Field(
+        "gateway", description="set by the command: edgefl gateway or edgefl cloud"
+    )
     parent: str | None = Field(None, description="parent node id ('cloud'); none for the cloud")
     children: list[str] = Field(
         default_factory=list,
@@ -224,9 +248,11 @@ class AggregatorSettings(_RoleSettings):
         0.0, ge=0, description="a round opens no earlier than this after the previous one opened"
     )
     max_staleness: int = Field(4, ge=0, description="reject updates older than this")
-    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
-    staleness_a: float = Field(0.5, ge=0)
-    staleness_b: int = Field(4, ge=0)
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        "polynomial", description="weight of a stale update: 1, (1+s)^-a, or 1 up to b then that"
+    )
+    staleness_a: float = Field(0.5, ge=0, description="staleness exponent a")
+    staleness_b: int = Field(4, ge=0, description="hinge: versions behind weighted fully")
     rule: Rule = Field(
         "fedavg",
         description="fedavg (norm-bounded, streaming), median, trimmed_mean or krum "
@@ -268,13 +294,17 @@ class AggregatorSettings(_RoleSettings):
         description="rounds a child may be waited for in vain before it is no longer "
         "waited for (until it delivers again)",
     )
-    max_update_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_update_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="reject larger update payloads"
+    )
     evaluate: bool | None = Field(None, description="held-out evaluation (default: cloud only)")
     keys: dict[str, str] = Field(
         default_factory=dict, description="child id -> hex HMAC key; '*' for all"
     )
     require_signature: bool = Field(False, description="reject unsigned updates")
-    hmac_key: str | None = Field(None, description="hex key to sign this node's sync updates")
+    hmac_key: str | None = Field(
+        None, pattern=HMAC_PATTERN, description="hex key to sign this node's sync updates"
+    )
     model_key: str | None = Field(
         None,
         pattern=KEY_PATTERN,
@@ -305,49 +335,157 @@ class AggregatorSettings(_RoleSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads (the fold, evaluation)")
 
+    @field_validator("parent")
+    @classmethod
+    def _parent(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v)
+
+    @field_validator("children")
+    @classmethod
+    def _children(cls, v: list[str]) -> list[str]:
+        for child in v:
+            check_id(child)
+        return v
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for child, key in v.items():
+            if child != "*":
+                check_id(child)
+            if not re.match(HMAC_PATTERN, key):
+                raise ValueError(f"{child}: expected an even number of hex digits, 32 or more")
+        return v
+
 
 S = TypeVar("S", bound=BaseSettings)
+B = TypeVar("B")
 
 
 def load_settings(
-    cls: type[S], config: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    cls: type[S],
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    flags: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> S:
-    """Build settings from a TOML file, then ``EDGEFL_*`` variables, then ``overrides``.
+    """Build settings from ``defaults``, a TOML file, ``EDGEFL_*`` variables, then
+    ``overrides``; later ones win.
 
-    Raises ``ConfigError`` with one readable line on any problem.
+    ``flags`` names the flag of each dotted override, so that an error says which
+    source the bad value came from. Raises ``ConfigError`` with one readable line.
     """
     path = Path(config) if config else None
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-
-    class _Sourced(cls):  # type: ignore[valid-type,misc]
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-            if path is not None:
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-            return tuple(sources)
-
-    _Sourced.__name__ = cls.__name__
-    _Sourced.__qualname__ = cls.__qualname__
+    if path is not None and not _is_file(path):
+        raise ConfigError(f"config file {str(path)[:200]} does not exist")
     try:
-        return typing.cast(S, _Sourced(**dict(overrides or {})))
-    except ValidationError as exc:
-        raise ConfigError(describe_error(exc, path)) from None
-    except (ValueError, OSError) as exc:  # TOML syntax errors, unreadable files
+        from_file = TomlConfigSettingsSource(cls, toml_file=path)() if path else {}
+        named = any(name.upper().startswith("EDGEFL_") for name in os.environ)
+        from_env = EnvSettingsSource(cls)() if named else {}
+    except (ValueError, OSError) as exc:  # TOML syntax errors, unreadable files, bad JSON
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{exc}".splitlines()[0]) from None
+    unknown = unknown_variables(cls, os.environ) if named else []
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown setting")
+    given = {d: f for d, f in (flags or {}).items()}
+    given.update({d: env_name(d) for d in _dotted(from_env) if d not in given})
+    merged = merge(merge(merge(defaults or {}, from_file), from_env), overrides or {})
+    return validated(cls, merged, path, given)
 
 
-def describe_error(exc: ValidationError, path: Path | None = None) -> str:
-    """One line per validation error, joined: where, what, and the bad value."""
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system
+        return False
+
+
+def validated(
+    cls: type[S], values: Mapping[str, Any], path: Path | None, given: Mapping[str, str]
+) -> S:
+    """``cls`` from ``values`` alone (no environment); ``ConfigError`` naming the source."""
+    try:
+        return values_only(cls)(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc, path, given)) from None
+
+
+#: ``cls -> cls`` reading only its arguments, made once per settings class.
+_VALUES_ONLY: dict[type[Any], type[Any]] = {}
+
+
+def values_only(cls: type[B]) -> type[B]:
+    """``cls`` reading only its arguments: the sources are merged by the caller."""
+    found = _VALUES_ONLY.get(cls)
+    if found is None:
+
+        class Values(cls):  # type: ignore[valid-type,misc]
+            @classmethod
+            def settings_customise_sources(
+                cls,
+                settings_cls: type[BaseSettings],
+                init_settings: PydanticBaseSettingsSource,
+                *_: PydanticBaseSettingsSource,
+                **__: PydanticBaseSettingsSource,
+            ) -> tuple[PydanticBaseSettingsSource, ...]:
+                return (init_settings,)
+
+        Values.__name__ = cls.__name__
+        Values.__qualname__ = cls.__qualname__
+        found = _VALUES_ONLY[cls] = Values
+    return found
+
+
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, sections merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        below = out.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping) and _is_section(key):
+            out[key] = merge(below, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _is_section(key: str) -> bool:
+    return key not in ("task_options", "keys")
+
+
+def _dotted(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, Mapping) and _is_section(key):
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append(prefix + key)
+    return out
+
+
+def env_name(dotted: str) -> str:
+    """The ``EDGEFL_`` variable of a dotted setting."""
+    return "EDGEFL_" + dotted.upper().replace(".", "__")
+
+
+def unknown_variables(cls: type[BaseModel], environ: Mapping[str, str]) -> list[str]:
+    """``EDGEFL_`` variables that name no setting of ``cls``: an error, as in a file."""
+    known = {env_name(dotted) for dotted, _ in iter_fields(cls)}
+    sections = {env_name(d.rpartition(".")[0]) for d, _ in iter_fields(cls) if "." in d}
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith("EDGEFL_")
+        and name.upper() not in known | sections | OTHER_VARIABLES
+    )
+
+
+def describe_error(
+    exc: ValidationError, path: Path | None = None, given: Mapping[str, str] | None = None
+) -> str:
+    """One part per validation error, joined: where (the flag, variable or file), what,
+    and the bad value."""
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ())) or "settings"
@@ -357,9 +495,22 @@ def describe_error(exc: ValidationError, path: Path | None = None) -> str:
         value = err.get("input")
         scalar = isinstance(value, (str, int, float, bool))
         shown = f" (got {value!r})" if scalar and repr(value) not in msg else ""
+        source = _source(where, given or {})
+        if source is not None:
+            where = source
+        elif path is not None:
+            where = f"{path}: {where}"
         parts.append(f"{where}: {msg}{shown}")
-    origin = f"{path}: " if path else ""
-    return origin + "; ".join(parts)
+    return "; ".join(parts)
+
+
+def _source(where: str, given: Mapping[str, str]) -> str | None:
+    """The flag or variable that set ``where`` or a section above it."""
+    while where:
+        if where in given:
+            return given[where]
+        where = where.rpartition(".")[0]
+    return None
 
 
 # ------------------------------------------------------- flags from the fields

@@ -16,6 +16,7 @@ import sys
 import threading
 from typing import Any
 
+from ..cli import port, positive_float, positive_int
 from .state import DeviceView, FleetState, NodeView
 
 __all__ = [
@@ -28,14 +29,23 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     """The broker, prefix and credential flags of every command that only subscribes."""
     env = os.environ.get
     parser.add_argument(
-        "--broker", default=env("EDGEFL_MQTT__BROKER", "127.0.0.1:1883"), help="HOST:PORT"
+        "--broker",
+        default=env("EDGEFL_MQTT__BROKER", "127.0.0.1:1883"),
+        metavar="HOST:PORT",
+        help="the fleet's broker (or EDGEFL_MQTT__BROKER)",
     )
-    parser.add_argument("--prefix", default=env("EDGEFL_MQTT__PREFIX", "edgefl"))
-    parser.add_argument("--username", default=env("EDGEFL_MQTT__USERNAME"))
+    parser.add_argument(
+        "--prefix", default=env("EDGEFL_MQTT__PREFIX", "edgefl"), help="the fleet's topic prefix"
+    )
+    parser.add_argument(
+        "--username", default=env("EDGEFL_MQTT__USERNAME"), help="broker user (a monitor's)"
+    )
     parser.add_argument(
         "--password", default=env("EDGEFL_MQTT__PASSWORD"), help="or EDGEFL_MQTT__PASSWORD"
     )
-    parser.add_argument("--ca-file", default=env("EDGEFL_MQTT__CA_FILE"), help="connect over TLS")
+    parser.add_argument(
+        "--ca-file", default=env("EDGEFL_MQTT__CA_FILE"), help="CA certificate: connect over TLS"
+    )
     parser.add_argument("--tls-insecure", action="store_true", help="skip the host name check")
 
 
@@ -53,17 +63,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_broker_arguments(parser)
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument(
-        "--wait", type=float, default=5.0, metavar="S",
+        "--wait", type=positive_float, default=5.0, metavar="S",
         help="with --once: seconds to listen (statuses are retained; metrics need a round)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="with --once: print JSON")
     parser.add_argument(
-        "--prometheus", type=int, metavar="PORT", help="serve gauges on 127.0.0.1:PORT/metrics"
+        "--prometheus", type=port, metavar="PORT", help="serve gauges on 127.0.0.1:PORT/metrics"
     )
     parser.add_argument(
         "--no-view", action="store_true", help="no terminal view (with --prometheus: exporter)"
     )
-    parser.add_argument("--max-devices", type=int, default=40, help="device rows shown")
+    parser.add_argument(
+        "--max-devices", type=positive_int, default=40, metavar="N", help="device rows shown"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,9 +87,6 @@ def main(args: argparse.Namespace) -> int:
         settings = broker_settings(args)
     except ValidationError as exc:
         print(f"edgefl monitor: error: {describe_error(exc)}", file=sys.stderr)
-        return 2
-    if args.once and args.wait <= 0:
-        print("edgefl monitor: error: --wait must be above 0", file=sys.stderr)
         return 2
     monitor = Monitor(settings, max_devices=args.max_devices)
     server = None

@@ -66,21 +66,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The scenario field of each flag.
+FLAG_FIELDS = {
+    "seed": "seed",
+    "rounds": "rounds",
+    "devices": "fleet.devices_per_gateway",
+    "workers": "workers",
+    "time_scale": "time_scale",
+    "timeout": "timeout_s",
+}
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Scenario fields set on the command line, as dotted keys."""
-    mapping = {
-        "seed": "seed",
-        "rounds": "rounds",
-        "devices": "fleet.devices_per_gateway",
-        "workers": "workers",
-        "time_scale": "time_scale",
-        "timeout": "timeout_s",
-    }
     return {
         dotted: getattr(args, name)
-        for name, dotted in mapping.items()
+        for name, dotted in FLAG_FIELDS.items()
         if getattr(args, name, None) is not None
     }
+
+
+def flag_names() -> dict[str, str]:
+    """``scenario field -> flag``: an error in a value set by a flag names the flag."""
+    return {dotted: "--" + name.replace("_", "-") for name, dotted in FLAG_FIELDS.items()}
 
 
 def default_out(name: str) -> Path:
@@ -101,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
     level = str(args.log_level).upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    scenario = load_scenario(args.scenario, **overrides_from_args(args))
+    scenario = load_scenario(args.scenario, flags=flag_names(), **overrides_from_args(args))
     setup_logging(level)
     out = Path(args.out) if args.out else default_out(scenario.name)
     plain = bool(args.plain) or not sys.stdout.isatty()

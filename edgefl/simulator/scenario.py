@@ -15,9 +15,14 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from ..config import AggregatorSettings, ConfigError, DeviceSettings, describe_error
+from ..config import (
+    AggregatorSettings,
+    ConfigError,
+    DeviceSettings,
+    describe_error,
+    values_only,
+)
 from ..profiles import Dist, ProfileSpec, SimProfile, draw_profile
 
 #: Settings the simulator owns: a scenario may not set them per tier.
@@ -263,11 +268,7 @@ def _reserved(fields: Mapping[str, Any], kind: str, section: str) -> None:
 
 def build_settings(cls: type[Any], fields: Mapping[str, Any], **fixed: Any) -> Any:
     """Settings from the scenario alone: ``EDGEFL_*`` variables must not reach a simulated node."""
-    merged = _merge(dict(fields), fixed)
-    isolated = _ISOLATED.get(cls)
-    if isolated is None:
-        isolated = _ISOLATED[cls] = _isolated(cls)
-    return isolated(**merged)
+    return values_only(cls)(**_merge(dict(fields), fixed))
 
 
 def _merge(base: dict[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
@@ -278,24 +279,6 @@ def _merge(base: dict[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-_ISOLATED: dict[type[Any], type[Any]] = {}
-
-
-def _isolated(cls: type[BaseSettings]) -> type[BaseSettings]:
-    class Isolated(cls):  # type: ignore[valid-type,misc]
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            **_: Any,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings,)
-
-    Isolated.__name__ = Isolated.__qualname__ = cls.__name__
-    return Isolated
 
 
 def describe(scenario: Scenario) -> str:

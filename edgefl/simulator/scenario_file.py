@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,15 @@ def resolve(path: str | os.PathLike[str] | None) -> Path | None:
     raise ConfigError(f"scenario {str(path)!r} not found (looked in . and {repo_scenarios()})")
 
 
-def load_scenario(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Scenario:
+def load_scenario(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    flags: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Scenario:
     """Parse and validate a scenario file, then apply ``overrides`` (dotted keys allowed).
 
+    ``flags`` names the flag of each override, which an error then blames.
     Raises ``ConfigError`` with one readable line on any problem.
     """
     found = resolve(path)
@@ -68,12 +75,12 @@ def load_scenario(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     try:
         return Scenario.model_validate(doc)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc, found)) from None
+        raise ConfigError(_one_line(exc, found, flags or {})) from None
 
 
-def _one_line(exc: ValidationError, path: Path | None) -> str:
+def _one_line(exc: ValidationError, path: Path | None, flags: Mapping[str, str]) -> str:
     # The model validator's own messages already say where: drop pydantic's prefix.
-    text = describe_error(exc, path)
+    text = describe_error(exc, path, flags)
     return text.replace("settings: Value error, ", "").replace("Value error, ", "")
 
 

@@ -19,17 +19,17 @@ def test_help_lists_every_device_setting_with_its_default(
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for dotted, _ in iter_fields(DeviceSettings):
         assert "--" + dotted.replace(".", "-").replace("_", "-") in out
-    for text in ("(default: 30.0)", "(default: 'u8')", "(default: 0.3)", "(default: 'fp32')"):
+    for text in ("(default: 30.0)", "(default: 'INFO')", "(default: 0.3)", "(default: 'fp32')"):
         assert text in out
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--heartbeat-s", "-1"], "heartbeat_s"),
-        (["--update-codec", "nope"], "update_codec"),
-        (["--policy-min-battery", "2"], "policy.min_battery"),
-        (["--hmac-key", "xyz"], "hmac_key"),
+        (["--heartbeat-s", "-1"], "--heartbeat-s"),
+        (["--update-codec", "nope"], "--update-codec"),
+        (["--policy-min-battery", "2"], "--policy-min-battery"),
+        (["--hmac-key", "xyz"], "--hmac-key"),
         (["--task", "no_such_module:Task"], "no_such_module"),
         (["--shard", "4", "--num-shards", "4"], "shard 4"),
     ],

@@ -126,15 +126,6 @@ def test_the_first_two_commands_run_with_or_without_sudo(
     assert calls[-1] == ("python -m pytest -q" if which else "edgefl simulate")
 
 
-def test_the_readme_test_command_is_the_one_ci_runs() -> None:
-    readme = _blocks(REPO / "README.md")[1]
-    ci = (REPO / ".ci" / "run").read_text()
-    assert "pip install torch==2.13.0" in readme and "pip install -q torch==2.13.0" in ci
-    assert "pip install -e '.[test]'" in readme and "pip install -q -e '.[test]'" in ci
-    assert readme.strip().endswith("python -m pytest -q")
-    assert ci.strip().endswith("python -m pytest -q -p no:cacheprovider")
-
-
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_every_shell_block_parses(doc: Path) -> None:
     for block in _blocks(doc):

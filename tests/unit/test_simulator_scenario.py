@@ -154,8 +154,8 @@ def test_every_node_starts_from_the_same_version_zero() -> None:
     ("argv", "words"),
     [
         (["simulate", "--rounds", "x"], "rounds"),
-        (["simulate", "--devices", "0"], "devices_per_gateway"),
-        (["simulate", "--time-scale", "-1"], "time_scale"),
+        (["simulate", "--devices", "0"], "--devices: "),
+        (["simulate", "--time-scale", "-1"], "--time-scale: "),
         (["simulate", "--broker", "nowhere"], "--broker"),
         (["simulate", "--log-level", "loud"], "--log-level"),
         (["broker", "--port", "x"], "--port"),
