@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "docs" / "grafana" / "edgefl.json"
+PROMETHEUS_CONFIG = REPO / "docs" / "grafana" / "prometheus.yml"
 PROMETHEUS_INSTALL = "apt-get install -y --no-install-recommends prometheus"
 #: Where to save the page's screenshot (the README's docs/dashboard.png), when set.
 SCREENSHOT_ENV = "EDGEFL_DASHBOARD_SCREENSHOT"
@@ -67,12 +68,11 @@ async def process(*argv: str, **kwargs: Any) -> AsyncIterator[asyncio.subprocess
 
 
 def prometheus_argv(binary: str, tmp: Path, port: int, target: int) -> list[str]:
+    """The shipped config, scraping ``target`` every second."""
+    shipped = PROMETHEUS_CONFIG.read_text()
+    assert "127.0.0.1:9108" in shipped and "scrape_interval: 5s" in shipped
     config = tmp / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: edgefl\n    static_configs: [{{targets: ['127.0.0.1:{target}']}}]\n"
-    )
+    config.write_text(shipped.replace("127.0.0.1:9108", f"127.0.0.1:{target}").replace("5s", "1s"))
     return [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]  # fmt: skip
 
