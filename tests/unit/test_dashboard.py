@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 import threading
 from collections.abc import AsyncIterator
 from importlib import resources
 
+import pytest
 from timeouts import within
 
 from edgefl.cli import build_parser
@@ -198,3 +200,26 @@ async def test_event_streams_are_bounded_in_number() -> None:
                 await asyncio.sleep(0.05)
         code, _ = await get(server.port, "/fleet.json")
         assert code == 200
+
+
+@pytest.mark.parametrize("argv", [["--broker", "no-port"], ["--port", "70000"]])
+def test_dashboard_refuses_bad_flags_in_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgefl.cli import main
+
+    assert main(["dashboard", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgefl dashboard: error:") and "\n" not in err
+
+
+def test_dashboard_on_a_busy_port_exits_2_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgefl.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["dashboard", "--broker", "127.0.0.1:1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"edgefl dashboard: error: 127.0.0.1:{port}:") and "\n" not in err
