@@ -29,6 +29,7 @@ class ReceivePath:
         self._update_prefix = node.topics.updates_of(node.id)[:-1]
         self._status_prefix = node.topics.statuses_of(node.id)[:-1]
         self._parent_topics = set(node.topics.downlink(node.parent)) if node.parent else set()
+        self._announced = -1  # the parent's highest version announced
 
     def dispatch(self, message: Message) -> None:
         topic = message.topic
@@ -116,11 +117,14 @@ class ReceivePath:
             return
         got = feed.on_message(topic, payload)
         if isinstance(got, Announcement):
-            link.on_model(got)
+            link.on_model(got)  # its receipts first: adopting rebases on what they settle
+            self._announced = max(self._announced, got.version)
             if feed.need(got.version) != "none":
                 node._wake.set()  # the driver fetches what it lacks
+        elif not got:
             return
-        if not got or feed.held is None or feed.version is None:
+        # Adopted once the version is held and its announcement read (the receipts).
+        if feed.held is None or feed.version is None or feed.version > self._announced:
             return
         # The version adopted comes back on every reconnect (retained): nothing to do.
         adopted = link.sync.parent_version
