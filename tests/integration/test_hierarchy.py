@@ -42,8 +42,9 @@ def _node(broker: RunningBroker, tmp_path: Path, node_id: str, **kw: Any) -> Agg
     )
 
 
-#: Plain sample-weighted FedAvg, which these tests check exactly: no share cap, no clip.
-PLAIN = {"max_weight_share": 1.0, "clip_factor": 0.0}
+#: Plain sample-weighted FedAvg, which these tests check exactly: no share cap, no clip,
+#: and float32 downlink deltas (the published model is the node's, to float rounding).
+PLAIN = {"max_weight_share": 1.0, "clip_factor": 0.0, "downlink_codec": "f32"}
 
 
 @contextlib.asynccontextmanager
