@@ -21,8 +21,8 @@ from typing import Any
 
 from ..config import ConfigError, DeviceSettings
 from ..fetch import ModelFeed
-from ..outbox import Outbox
-from ..profiles import Decision, Reading, UplinkEstimator
+from ..outbox import DiskFull, Outbox
+from ..profiles import Decision, Reading, UplinkEstimator, Usage, power_model
 from ..signing import load_public_key
 from ..supervise import bounded, first_completed, wait_event
 from ..tasks import DeviceData, Task, load_task, set_torch_threads
@@ -32,12 +32,16 @@ from ..topics import Topics
 from ..transport import LOST, AnyTransport, Message, Transport, TransportFactory
 from ..wire import Announcement, MetricValue, Status
 from .delivery import Uploader
+from .inference import Endpoint, Inference, Prediction
 from .policy import policy_of, selected
-from .report import device_status, finite, profile_fields, status_key
+from .report import device_status, energy_fields, finite, profile_fields, status_key
 from .rounds import PROGRESS_KEY, Rounds
 from .update import Progress, UpdateEncoder
 
 log = logging.getLogger(__name__)
+
+#: The outbox state key of the rounds trained and their joules.
+USAGE_KEY = "device.usage"
 
 #: How long a clean stop waits to publish ``online: false``.
 GOODBYE_TIMEOUT_S = 2.0
@@ -138,6 +142,18 @@ class DeviceAgent:
         self._flush_due = asyncio.Event()
         self._status_sent_at = -math.inf
         self.rounds = Rounds(self)
+        e = settings.energy
+        self.power = power_model(
+            e.board, train_w=e.train_w, up_j_per_mb=e.up_j_per_mb, down_j_per_mb=e.down_j_per_mb
+        )
+        self.usage = Usage()  # rounds trained and their joules: the duty cycle and the budget
+        self._model_bytes = 0  # models and deltas received since the last round trained
+        self.inference = Inference(
+            getattr(self.task, "build_model", None),
+            tuple(self.data.source_x.shape[1:]),
+            settings.inference,
+        )
+        self.endpoint: Endpoint | None = None
 
     # ------------------------------------------------------------- lifecycle
     @property
@@ -156,6 +172,13 @@ class DeviceAgent:
             lambda: (box.get_state(PROGRESS_KEY), box.backlog())
         )
         self.progress = Progress.load(saved)
+        self.usage = Usage.load(await asyncio.to_thread(box.get_state, USAGE_KEY))
+        if s.inference.port:
+            try:
+                self.endpoint = Endpoint(self.inference, s.inference.port)
+            except OSError as exc:
+                raise ConfigError(f"inference.port {s.inference.port}: {exc}") from None
+            self.endpoint.start()
         if self.encoder.error_feedback:
             self.encoder.feedback.residual = self.progress.residual
         log.info(
@@ -173,6 +196,8 @@ class DeviceAgent:
 
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
+        if self.endpoint is not None:
+            await asyncio.to_thread(self.endpoint.stop)
         if self.outbox is not None:
             await asyncio.to_thread(self.outbox.close)
 
@@ -188,7 +213,13 @@ class DeviceAgent:
     async def run(self) -> None:
         """Serve until cancelled: the session, rounds, status heartbeats and outbox flushes."""
         self._box()
-        await first_completed(self._link(), self.rounds.run(), self._heartbeat(), self._flusher())
+        await first_completed(
+            self._link(),
+            self.rounds.run(),
+            self._heartbeat(),
+            self._flusher(),
+            self.inference.run(),
+        )
 
     # ---------------------------------------------------------- MQTT session
     async def _link(self) -> None:
@@ -255,6 +286,10 @@ class DeviceAgent:
             self._latest, self._received_at = got, self.clock()
             self._model_due.set()
         elif got:  # the model moved to a new version
+            self._model_bytes += len(message.payload)
+            version, held = self.feed.version, self.feed.held
+            if version is not None and held is not None and self.inference.wants(version):
+                self.inference.offer(version, held)
             self.progress.model_version = self.feed.version
             self._status_due.set()
             self._model_due.set()
@@ -356,6 +391,39 @@ class DeviceAgent:
         )
         if self.telemetry is not None:
             await self.telemetry.metrics(self.last_metrics)
+
+    # --------------------------------------------------- energy, predictions
+    def usage_now(self) -> dict[str, Any]:
+        """The duty cycle's and the daily budget's counts now, as the policy takes them."""
+        now = self.clock()
+        return {
+            "rounds_last_hour": self.usage.rounds_within(now),
+            "energy_day_j": self.usage.joules_within(now),
+        }
+
+    async def spend(self, train_ms: float, upload_bytes: int) -> dict[str, MetricValue]:
+        """A trained round's energy by the power model: recorded, saved, and as metrics.
+
+        The radio counts the update's upload and what was downloaded for the round (the
+        model or delta bytes received since the previous round), each once.
+        """
+        down, self._model_bytes = self._model_bytes, 0
+        energy = self.power.round_energy(train_ms / 1000.0, upload_bytes, down)
+        now = self.clock()
+        self.usage.record(now, energy.total_j)
+        try:
+            await asyncio.to_thread(self._box().set_state, USAGE_KEY, self.usage.dump())
+        except DiskFull as exc:
+            log.warning("device %s: energy usage not saved: %s", self.id, exc)
+        return energy_fields(energy, down, self.usage.joules_within(now))
+
+    def predict(self, x: Any) -> Prediction:
+        """The newest complete model's outputs for ``x`` (one row or a batch of rows).
+
+        Answers while the device trains; raises ``NoModel`` before the first model and
+        ``BadInput`` for rows that do not fit. Thread-safe.
+        """
+        return self.inference.predict(x)
 
 
 _warned: set[str] = set()

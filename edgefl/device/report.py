@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..profiles import Decision, Reading
+from ..profiles import Decision, Energy, Reading
 from ..wire import MetricValue, Status
 
 
@@ -69,6 +69,17 @@ def profile_fields(reading: Reading, uplink_kbps: float | None) -> dict[str, Met
         "charging": reading.charging,
         "link": reading.link,
         "uplink_kbps": reading.uplink_kbps if reading.uplink_kbps is not None else uplink_kbps,
+    }
+
+
+def energy_fields(energy: Energy, download_bytes: int, day_j: float) -> dict[str, MetricValue]:
+    """A trained round's energy by the power model, and the last 24 hours' total."""
+    return {
+        "energy_j": round(energy.total_j, 6),
+        "energy_train_j": round(energy.train_j, 6),
+        "energy_radio_j": round(energy.radio_j, 6),
+        "download_bytes": download_bytes,
+        "energy_day_j": round(day_j, 6),
     }
 
 

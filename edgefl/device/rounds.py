@@ -49,6 +49,7 @@ class Rounds:
 
     def __init__(self, agent: DeviceAgent) -> None:
         self.agent = agent
+        self.last_reason = ""  # of the latest decline
 
     async def run(self) -> None:
         agent = self.agent
@@ -104,6 +105,7 @@ class Rounds:
             expected_bytes=plan.bytes,
             deadline=deadline,
             now=now,
+            **agent.usage_now(),
         )
 
     def deadline(self, model: Announcement | None) -> float:
@@ -139,7 +141,10 @@ class Rounds:
             return  # the same verdict on the same round counts once
         agent._declined_for = (key, reason)
         agent.declined[reason] += 1
-        log.info("device %s: round %d (v%d) declined: %s", agent.id, *key, reason)
+        # INFO when the reason changes; a device at its duty cycle declines every round.
+        level = logging.DEBUG if reason == self.last_reason else logging.INFO
+        self.last_reason = reason
+        log.log(level, "device %s: round %d (v%d) declined: %s", agent.id, *key, reason)
         # Said in the Status, so the node stops waiting for us this round. A late model
         # says nothing about the device itself: it stays eligible for the next one.
         late = reason == DEADLINE_PASSED
@@ -184,6 +189,7 @@ class Rounds:
         agent._status_due.set()  # buffered changed
         sent, upload_ms = await agent._flush()
         m = result.metrics
+        energy = await agent.spend(m.get("train_ms", 0.0), size)
         log.info(
             "device %s: round %d (v%d) trained on %d samples, loss %.4f -> %.4f in %.0f ms; "
             "update seq %d, %d bytes, %s",
@@ -207,6 +213,7 @@ class Rounds:
             "encode_ms": encode_ms,
             "store_ms": store_ms,
             "upload_bytes": size,
+            **energy,
             "codec": agent.encoder.plan.codec,
             "fraction": agent.encoder.plan.fraction,
             "compression": float32_bytes(agent.spec) / size,

@@ -29,6 +29,7 @@ class _Tier:
     samples: int = 0
     staleness_max: int = 0
     clipped: int = 0
+    energy_j: float = 0.0  # the devices' rounds, by their power model
 
 
 @dataclass
@@ -68,6 +69,7 @@ class History:
         if role == "device":
             if event == "round":
                 self._trained.add(str(doc.get("id")))
+                self._tier.energy_j += _float(doc.get("energy_j")) or 0.0
             elif event == "declined":
                 self._declined[str(doc.get("reason", "unknown"))] += 1
             return None
@@ -113,6 +115,7 @@ class History:
             **self._take_bytes(),
             "staleness_max": t.staleness_max,
             "clipped": t.clipped,
+            "energy_j": round(t.energy_j, 6),
             "rejected": sum(rejected.values()),
             **{f"rejected_{k}": v for k, v in sorted(rejected.items())},
         }
@@ -209,6 +212,7 @@ def summarize(
         "device_bytes_up_measured": sum(_int(t.get("bytes_up")) for t in tallies),
         "device_bytes_down_measured": sum(_int(t.get("bytes_down")) for t in tallies),
         "energy_wh": sum(energy) if energy else None,
+        "energy_model_j": sum(_float(r.get("energy_j")) or 0.0 for r in rows),
         "rejected": dict(sorted(rejected.items())),
     }
 

@@ -193,6 +193,7 @@ def summary_lines(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ),
         ("rejected", _reasons(s.get("rejected", {}))),
         ("energy used", _energy(s.get("energy_wh"))),
+        ("energy (model)", _joules(s.get("energy_model_j"))),
     ]
     return lines
 
@@ -210,6 +211,11 @@ def _percent(value: Any) -> str:
 def _energy(value: Any) -> str:
     v = _number(value)
     return "-" if v is None else f"{v:.3f} Wh across the fleet"
+
+
+def _joules(value: Any) -> str:
+    v = _number(value)
+    return "-" if v is None else f"{v:.1f} J over the devices' rounds (their power model)"
 
 
 def _reasons(rejected: Mapping[str, Any]) -> str:

@@ -19,6 +19,8 @@ from edgefl.profiles import (
     power_model,
 )
 from edgefl.profiles.energy import DAY_S, HOUR_S
+from edgefl.simulator.history import History, summarize
+from edgefl.simulator.report import summary_lines
 
 
 def test_round_energy_is_watts_times_seconds_plus_joules_per_mb() -> None:
@@ -69,3 +71,20 @@ def test_the_duty_cycle_and_the_daily_budget_decline_at_their_caps() -> None:
     assert policy.decide(reading, rounds_last_hour=0, energy_day_j=100.0).reason == ENERGY_BUDGET
     # A node judging a child's Status knows neither count: nothing to decline on.
     assert policy.decide(reading).reason == OK
+
+
+def test_the_simulator_sums_the_devices_energy_per_cloud_round_and_in_the_summary() -> None:
+    history = History(devices=2, gateways=1)
+    for joules in (1.5, 2.25):
+        history.feed({"role": "device", "id": "d", "event": "round", "energy_j": joules})
+    history.feed({"role": "device", "id": "d", "event": "declined", "reason": "duty_cycle"})
+    first = history.feed({"role": "cloud", "id": "cloud", "event": "round", "version": 1})
+    history.feed({"role": "device", "id": "d", "event": "round", "energy_j": 4.0})
+    second = history.feed({"role": "cloud", "id": "cloud", "event": "round", "version": 2})
+    assert first is not None and second is not None
+    assert (first["energy_j"], second["energy_j"]) == (3.75, 4.0)
+    summary = summarize(history.rows, [], float32_update_bytes=1)
+    assert summary["energy_model_j"] == pytest.approx(7.75)
+    assert ("energy (model)", "7.8 J over the devices' rounds (their power model)") in (
+        summary_lines(summary)
+    )
