@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -101,3 +102,17 @@ async def test_a_device_at_its_cap_declines_the_next_round_and_says_why(
     assert declined["reason"] == reason
     assert (status.eligible, status.reason) == (False, reason)
     assert agent.declined[reason] == 1 and agent.rounds_trained == 1
+
+
+async def test_declines_for_the_same_reason_log_once_at_info(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="edgefl.device.rounds")
+    async with running(tmp_path, policy={"max_rounds_per_hour": 1}) as (agent, gw):
+        await play_round(gw, agent, 0)
+        await until(agent, "round", 0)
+        for number in (1, 2, 3):
+            await play_round(gw, agent, number)
+            await until(agent, "declined", number)
+    declines = [r for r in caplog.records if "declined: duty_cycle" in r.getMessage()]
+    assert [r.levelno for r in declines] == [logging.INFO, logging.DEBUG, logging.DEBUG]
