@@ -1,4 +1,4 @@
-"""Bytes on the wire per parameter, and codec cost, uint8 deltas vs float32.
+"""Bytes on the wire per parameter, and codec cost: uint8 and top-k deltas vs float32.
 
 Run: python bench/bench_wire.py
 Every figure is printed beside its reference measured in the same run.
@@ -7,6 +7,7 @@ Every figure is printed beside its reference measured in the same run.
 from __future__ import annotations
 
 import io
+import statistics
 import time
 from collections.abc import Callable
 
@@ -62,6 +63,63 @@ def best_us(fn: Callable[[], object], repeat: int) -> float:
     return min(times) * 1e6
 
 
+def median_us(fn: Callable[[], object], repeat: int) -> float:
+    """Median of ``repeat`` runs, in microseconds (the machine is shared: medians)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+#: The codecs compared per update, with the share of values kept.
+CODECS = (("topk", 0.1), ("u8", 1.0), ("f32", 1.0))
+
+
+def codec_table() -> bool:
+    """Encode (with error feedback, as a device does) and decode-fold per update, and the
+    bytes of each, top-k at k = n/10 beside uint8 and float32 measured in the same run."""
+    print("\ncodecs per update: encode with error feedback, decode + check + fold (median us)")
+    print("target: topk at 0.1 sends >= 10x fewer bytes than float32")
+    print(
+        f"{'params':>10} {'codec':>6} {'bytes':>10} {'f32/bytes':>10} "
+        f"{'encode':>9} {'decode+fold':>12} {'enc/u8':>7} {'dec/u8':>7}"
+    )
+    ok = True
+    for n in (100_000, 1_000_000):
+        delta = _delta(n, seed=2)
+        spec = {k: v.shape for k, v in delta.items()}
+        repeat = 15 if n <= 100_000 else 5
+        rows = {}
+        for codec, fraction in CODECS:
+            feedback = codecs.ErrorFeedback()
+
+            def encode(
+                c: str = codec,
+                f: float = fraction,
+                fb: codecs.ErrorFeedback = feedback,
+                d: dict[str, np.ndarray] = delta,
+            ) -> bytes:
+                return wire.encode_update(_update(fb.encode(d, c, fraction=f)))
+
+            data = encode()
+            acc = fedavg.StreamingAverage()
+            enc = median_us(encode, repeat)
+            dec = median_us(lambda b=data, a=acc, s=spec: decode_fold(b, s, a), repeat)
+            rows[codec] = (len(data), enc, dec)
+        f32_bytes = rows["f32"][0]
+        for codec, _ in CODECS:
+            size, enc, dec = rows[codec]
+            print(
+                f"{n:>10,} {codec:>6} {size:>10,} {f32_bytes / size:>9.1f}x {enc:>9.0f} "
+                f"{dec:>12.0f} {enc / rows['u8'][1]:>6.2f}x {dec / rows['u8'][2]:>6.2f}x"
+            )
+        ok &= f32_bytes / rows["topk"][0] >= 10
+    print(f"{'PASS' if ok else 'FAIL'}  topk (k = n/10) >= 10x fewer bytes than float32")
+    return ok
+
+
 def main() -> int:
     set_torch_threads(1)  # as an aggregator process runs its fold
     ok = True
@@ -104,6 +162,7 @@ def main() -> int:
             f"{'PASS' if passed else 'FAIL'}  uint8 not slower than float32: {what}, {n:,} params"
         )
     print(f"{'PASS' if ok else 'FAIL'}  <= 1.01 bytes/parameter")
+    ok &= codec_table()
     return 0 if ok and all(v[2] for v in verdicts) else 1
 
 
