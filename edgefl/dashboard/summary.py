@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from ..monitor.state import FleetState, NodeView
+from ..monitor.state import BYTE_COUNTERS, FleetState, NodeView
 
 #: Device fields the page shows in the fleet tree.
 DEVICE_FIELDS = (
@@ -32,7 +32,7 @@ def summary(state: FleetState) -> dict[str, Any]:
             for n in nodes
             if "participants" in n.figures
         },
-        "bytes": _bytes_per_tier(nodes),
+        "bytes": _bytes_per_tier(state),
         "rejected": {n.id: _refused(n) for n in nodes if n.rejected_total},
         "clipping": {
             n.id: {k: n.figures.get(k) for k in ("clipped", "clip_bound")}
@@ -105,11 +105,15 @@ def _refused(node: NodeView) -> dict[str, int]:
     return {reason: count for reason, count in sorted(node.rejected.items()) if count}
 
 
-def _bytes_per_tier(nodes: list[NodeView]) -> dict[str, dict[str, float]]:
-    """Sums of each node's byte figures (``bytes_in`` and any ``bytes_*``) by its tier."""
+def _bytes_per_tier(state: FleetState) -> dict[str, dict[str, float]]:
+    """Each byte figure (``bytes_in`` and the MQTT counters) summed over a tier's members."""
+    members: list[tuple[str, dict[str, float]]] = [
+        (n.tier, {k: v for k, v in n.figures.items() if k == "bytes_in" or k in BYTE_COUNTERS})
+        for n in state.sorted_nodes()
+    ]
+    members += [("device", d.bytes) for d in state.sorted_devices()]
     tiers: dict[str, dict[str, float]] = defaultdict(dict)
-    for n in nodes:
-        for name, value in n.figures.items():
-            if name.startswith("bytes_"):
-                tiers[n.tier][name] = tiers[n.tier].get(name, 0) + value
+    for tier, figures in members:
+        for name, value in figures.items():
+            tiers[tier][name] = tiers[tier].get(name, 0) + value
     return dict(tiers)

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .state import NODE_GAUGES, DeviceView, FleetState, NodeView
+from .state import BYTE_COUNTERS, NODE_GAUGES, DeviceView, FleetState, NodeView
 
 
 class FleetCollector:
@@ -48,8 +48,8 @@ class FleetCollector:
         for n in nodes:
             values = [n.id, n.tier]
             for name, value in n.figures.items():
-                if name not in figures:  # a byte counter the node adds (state bounds them)
-                    help_ = f"{name} the node reported for its last round"
+                if name not in figures:  # one of the MQTT byte counters
+                    help_ = f"{name} the node reported"
                     figures[name] = GaugeMetricFamily(f"edgefl_{name}", help_, labels=labels)
                 figures[name].add_metric(values, value)
             if n.online is not None:
@@ -76,13 +76,21 @@ class FleetCollector:
             name: GaugeMetricFamily(f"edgefl_device_{name}", help_, labels=["device", "gateway"])
             for name, help_ in specs.items()
         }
+        counters = {
+            name: GaugeMetricFamily(f"edgefl_device_{name}", f"{name} the device reported",
+                                    labels=["device", "gateway"])
+            for name in BYTE_COUNTERS
+        }  # fmt: skip
         for d in devices:
             labels = [d.id, d.gateway or ""]
             for name, family in families.items():
                 value = getattr(d, name)
                 if value is not None:
                     family.add_metric(labels, float(value))
+            for name, value in d.bytes.items():
+                counters[name].add_metric(labels, value)
         yield from families.values()
+        yield from counters.values()
 
 
 def serve_prometheus(state: FleetState, lock: threading.Lock, port: int) -> Any:

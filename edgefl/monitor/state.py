@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..telemetry import BYTE_FIELDS
 from ..topics import TopicError, Topics
 
 HISTORY = 60
@@ -33,10 +33,8 @@ NODE_GAUGES = {
     "children_online": "children whose retained status says online",
 }
 REJECTED_PREFIX = "rejected_"
-#: Byte counters a node adds to its round records (``bytes_up``, ...) are kept as they
-#: come, at most MAX_BYTE_FIELDS of them per node: a node cannot grow the state at will.
-BYTE_FIELD = re.compile(r"bytes_[a-z]{1,16}(_[a-z]{1,16})?")
-MAX_BYTE_FIELDS = 8
+#: The MQTT byte counters every role's records carry (cumulative, and grown this round).
+BYTE_COUNTERS = (*BYTE_FIELDS, *(f"round_{name}" for name in BYTE_FIELDS), "metrics_bytes")
 
 
 def _num(value: Any) -> float | None:
@@ -99,6 +97,7 @@ class DeviceView:
     last_round: int | None = None
     loss: float | None = None
     rounds_trained: int | None = None
+    bytes: dict[str, float] = field(default_factory=dict)  # BYTE_COUNTERS, as reported
     status_ts: float | None = None
     metrics_ts: float | None = None
 
@@ -191,7 +190,7 @@ class FleetState:
             return  # a re-announced round has closed nothing: keep the last round's figures
         for name, value in doc.items():
             number = _num(value)
-            if number is not None and (name in NODE_GAUGES or self._byte_field(node, name)):
+            if number is not None and (name in NODE_GAUGES or name in BYTE_COUNTERS):
                 node.figures[name] = number
         accuracy, round_ = _num(doc.get("accuracy")), _int(doc.get("round"))
         if accuracy is not None:
@@ -200,14 +199,6 @@ class FleetState:
             version = _int(doc.get("version"))
             node.history.append((-1 if round_ is None else round_,
                                  -1 if version is None else version, accuracy))  # fmt: skip
-
-    @staticmethod
-    def _byte_field(node: NodeView, name: str) -> bool:
-        if name in node.figures:
-            return True
-        if not BYTE_FIELD.fullmatch(name):
-            return False
-        return sum(1 for k in node.figures if k not in NODE_GAUGES) < MAX_BYTE_FIELDS
 
     @staticmethod
     def _device_metrics(dev: DeviceView, doc: dict[str, Any]) -> None:
@@ -222,6 +213,10 @@ class FleetState:
         battery = _num(doc.get("battery"))
         if battery is not None:
             dev.battery = battery
+        for name in BYTE_COUNTERS:
+            count = _num(doc.get(name))
+            if count is not None:
+                dev.bytes[name] = count
 
     # ---------------------------------------------------------- accessors
     def _node(self, node_id: str, tier: str) -> NodeView:

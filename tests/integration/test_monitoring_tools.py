@@ -209,6 +209,9 @@ async def test_prometheus_and_the_dashboard_show_what_the_metrics_topics_carried
     ]
     assert ["gateway", "bytes_in", str(last_gw["bytes_in"])] in shown["bytes"]
     assert ["cloud", "bytes_in", str(last_cloud["bytes_in"])] in shown["bytes"]
+    for counter in ("bytes_up", "bytes_down"):  # the devices' MQTT byte counters, summed
+        last = [[r for t, r in sub.records if t == T.metrics("device", d)][-1] for d in BATTERY]
+        assert ["device", counter, str(sum(r[counter] for r in last))] in shown["bytes"]
     refused = {k[len("rejected_") :]: v for k, v in last_gw.items()
                if k.startswith("rejected_") and k != "rejected_total" and v}  # fmt: skip
     assert sum(refused.values()) == last_gw["rejected_total"] >= 1
