@@ -134,7 +134,10 @@ async def test_predict_answers_during_training_and_moves_to_a_new_version_whole(
 ) -> None:
     set_torch_threads(1)
     task, broker = BlockingTask(), MemoryBroker()
-    settings = DeviceSettings(id="dev-1", gateway="gw", state_dir=tmp_path, num_shards=8)
+    # v1 comes as a whole model without a delta: a device takes it at its next status poll.
+    settings = DeviceSettings(
+        id="dev-1", gateway="gw", state_dir=tmp_path, num_shards=8, heartbeat_s=0.2
+    )
     agent = DeviceAgent(settings, task, transport=broker.factory())  # type: ignore[arg-type]
     v0, v1 = TASK.init_params(0), TASK.init_params(1)
     try:
