@@ -84,6 +84,7 @@ class Inference:
         self._offered: tuple[int, Mapping[str, np.ndarray]] | None = None
         self._due = asyncio.Event()
         self.swaps = 0
+        self.failed = 0  # offered versions that did not load
 
     @property
     def version(self) -> int | None:
@@ -102,13 +103,21 @@ class Inference:
             self._due.set()
 
     async def run(self) -> None:
-        """Swap in every offered version, building each in a worker thread."""
+        """Swap in every offered version, building each in a worker thread; one that does
+        not load leaves the served version as it is."""
         while True:
             await self._due.wait()
             self._due.clear()
             offered, self._offered = self._offered, None
-            if offered is not None:
+            if offered is None:
+                continue
+            try:
                 await asyncio.to_thread(self.load, *offered)
+            except (KeyError, RuntimeError, ValueError) as exc:  # torch refused it
+                self.failed += 1
+                log.error(
+                    "predictions stay on v%s: v%d did not load: %s", self.version, offered[0], exc
+                )
 
     def load(self, version: int, params: Mapping[str, np.ndarray]) -> None:
         """Build ``version`` whole, then make it the served one in one assignment."""

@@ -70,6 +70,22 @@ def test_every_prediction_comes_whole_from_one_version_while_versions_swap() -> 
     assert all(whole for _, whole in seen)
 
 
+async def test_a_version_that_does_not_load_leaves_the_served_one() -> None:
+    inference = Inference(TASK.build_model, (64,), InferenceSettings())
+    inference.load(0, TASK.init_params(0))
+    serving = asyncio.create_task(inference.run())
+    try:
+        inference.offer(1, {"net.0.weight": np.zeros((3, 3), np.float32)})
+        await until(lambda: inference.failed == 1)
+        inference.offer(2, TASK.init_params(1))
+        await until(lambda: inference.version == 2)
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    assert inference.swaps == 2
+
+
 def test_inputs_that_do_not_fit_are_refused() -> None:
     inference = Inference(TASK.build_model, (64,), InferenceSettings(max_batch=4))
     inference.load(0, TASK.init_params(0))
