@@ -150,14 +150,14 @@ def test_each_role_writes_only_its_own_topics() -> None:
     assert _writes(device) == {
         T.update("gw-1", "dev-7"), T.status("gw-1", "dev-7"), T.metrics("device", "dev-7"),
     }  # fmt: skip
-    assert _reads(device) == set(T.model_filters("gw-1"))
+    assert _reads(device) == set(T.downlink("gw-1"))
     gateway = credentials.acl_rules("gateway", "gw-2")
     assert _writes(gateway) == {
-        *T.model_filters("gw-2"), T.update("cloud", "gw-2"), T.status("cloud", "gw-2"),
+        *T.downlink("gw-2"), T.update("cloud", "gw-2"), T.status("cloud", "gw-2"),
         T.metrics("gateway", "gw-2"),
     }  # fmt: skip
     assert _reads(gateway) == {
-        T.updates_of("gw-2"), T.statuses_of("gw-2"), *T.model_filters("cloud"),
+        T.updates_of("gw-2"), T.statuses_of("gw-2"), *T.downlink("cloud"),
     }  # fmt: skip
     regional = credentials.acl_rules("gateway", "gw-3", parent="eu", prefix="fl")
     assert "topic write fl/eu/update/gw-3" in regional
