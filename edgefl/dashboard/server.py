@@ -59,6 +59,7 @@ class DashboardServer:
         self.interval_s = interval_s
         self.assets = {path: (asset(name), kind) for path, (name, kind) in ASSETS.items()}
         self.streams = 0
+        self._document: tuple[int, bytes] = (-1, b"")
         self._closing = asyncio.Event()
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
@@ -90,8 +91,12 @@ class DashboardServer:
             await asyncio.wait(tasks, timeout=1.0)
 
     def document(self) -> bytes:
+        """The summary as JSON, built once per change of the state, for every stream."""
         with self.lock:
-            return json.dumps(summary(self.state), sort_keys=True).encode()
+            if self._document[0] != self.state.messages:
+                body = json.dumps(summary(self.state), sort_keys=True).encode()
+                self._document = (self.state.messages, body)
+            return self._document[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -107,6 +107,16 @@ def test_the_page_loads_only_its_own_assets() -> None:
     assert set(re.findall(r'(?:src|href)="([^"]+)"', html)) == set(ASSETS) - {"/"}
 
 
+def test_the_document_is_built_once_per_change_of_the_state() -> None:
+    state = fleet()
+    server = DashboardServer(state, threading.Lock())
+    first = server.document()
+    assert server.document() is first and json.loads(first) == summary(state)
+    state.apply(T.metrics("cloud", "cloud"), encode_metrics("cloud", "cloud", {"round": 5}))
+    second = server.document()
+    assert second is not first and json.loads(second)["participation"]["cloud"]["round"] == 5
+
+
 def test_dashboard_flags_bind_loopback_by_default() -> None:
     args = build_parser().parse_args(["dashboard", "--broker", "h:1"])
     assert (args.host, args.port, args.broker) == ("127.0.0.1", 8088, "h:1")
