@@ -208,6 +208,11 @@ class DeviceSettings(_RoleSettings):
     max_epochs: int = Field(20, ge=1, description="most local epochs a model may ask for")
     min_batch_size: int = Field(8, ge=1, description="smallest batch size a model may ask for")
     max_train_s: float = Field(300.0, gt=0, description="a round's training is stopped after this")
+    free_memory_mb: float | None = Field(
+        None,
+        gt=0,
+        description="free memory (MiB) training plans its batches against; default: measured",
+    )
     policy: PolicySettings = Field(default_factory=PolicySettings)
     energy: EnergySettings = Field(default_factory=EnergySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)

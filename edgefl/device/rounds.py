@@ -20,7 +20,8 @@ from ..outbox import DiskFull
 from ..params import Params, l2_norm
 from ..profiles import Decision, Reading
 from ..tasks import TrainResult
-from ..tasks.training import TrainingStopped
+from ..tasks.memory import OutOfMemory
+from ..tasks.training import TrainingStopped, accepts
 from ..wire import Announcement, MetricValue, QTensor, TrainConfig
 from .limits import OverBudget, bound_config, with_budget
 from .policy import DEADLINE_PASSED, MODEL_MISMATCH, decide
@@ -169,9 +170,10 @@ class Rounds:
                 name=f"train-{agent.id}",
                 wait_s=STOP_WAIT_S,
             )
-        except RuntimeError as exc:  # torch's failures (CUDA out of memory, ...) skip a round
+        except (OverBudget, OutOfMemory) as exc:  # anything else is a defect: raised
+            reason = "out_of_memory" if isinstance(exc, OutOfMemory) else "train_failed"
             log.error("device %s: training round %d failed: %s", agent.id, model.round, exc)
-            agent.declined["train_failed"] += 1
+            agent.declined[reason] += 1
             agent.progress.trained = key
             return
         if tensors is None:
@@ -242,6 +244,8 @@ class Rounds:
                 log.warning("device %s: model asks %s; trains %s (once)", agent.id, asked, used)
         should_stop = with_budget(agent._stop.is_set, s.max_train_s)
         extra: dict[str, Any] = {"should_stop": should_stop} if agent._stoppable else {}
+        if s.free_memory_mb is not None and accepts(agent.task.train, "free_memory_mb"):
+            extra["free_memory_mb"] = s.free_memory_mb
         start = time.perf_counter()
         try:
             result = agent.task.train(

@@ -1,4 +1,4 @@
-"""The built-in task: the 8x8 handwritten digits with an MLP or a small separable CNN.
+"""The built-in task: the 8x8 handwritten digits with an MLP, a deep MLP or a small CNN.
 
 The data ships in this package (``edgefl/data/digits.npz``), so nothing is ever
 downloaded. Every device of a task shares one copy of the arrays and holds only its indices.
@@ -23,7 +23,7 @@ from .training import evaluate_module, seeded_module, train_module
 
 log = logging.getLogger(__name__)
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "deep")
 PARTITIONS = ("iid", "dirichlet", "shards")
 #: The held-out split is fixed whatever the partition seed, so runs compare.
 SPLIT_SEED = 0
@@ -66,7 +66,35 @@ class DigitsCNN(nn.Module):
         return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
 
 
-_BUILDERS: dict[str, type[nn.Module]] = {"mlp": DigitsMLP, "cnn": DigitsCNN}
+class DigitsDeepMLP(nn.Module):
+    """64 -> ``width``, ``depth`` residual blocks (LayerNorm, Linear, ReLU), -> 10.
+
+    The example of a model that marks its checkpointable blocks: where memory is
+    short, the trainer recomputes their activations in backward instead of keeping them.
+    """
+
+    def __init__(self, depth: int = 8, width: int = 128) -> None:
+        super().__init__()
+        self.stem = nn.Linear(64, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.ReLU())
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+
+#: Bounds of the deep MLP's options: a config typo must not allocate gigabytes.
+MAX_DEPTH = 64
+MAX_WIDTH = 4096
 
 
 #: The shipped data: 1797 images of 64 pixel counts (0..16) and their labels, uint8;
@@ -113,9 +141,16 @@ class DigitsTask:
         shards_per_device: int = 2,
         seed: int = 0,
         test_fraction: float = 0.2,
+        depth: int = 8,
+        width: int = 128,
     ) -> None:
         if model not in MODELS:
             raise ValueError(f"digits model must be one of {MODELS}, got {model!r}")
+        if not (1 <= int(depth) <= MAX_DEPTH and 1 <= int(width) <= MAX_WIDTH):
+            raise ValueError(
+                f"deep MLP depth must be in 1..{MAX_DEPTH} and width in 1..{MAX_WIDTH}, "
+                f"got {depth} and {width}"
+            )
         if partition not in PARTITIONS:
             raise ValueError(f"digits partition must be one of {PARTITIONS}, got {partition!r}")
         if not 0.0 < float(test_fraction) < 1.0:
@@ -126,6 +161,8 @@ class DigitsTask:
         self.shards_per_device = int(shards_per_device)
         self.seed = int(seed)
         self.test_fraction = float(test_fraction)
+        self.depth = int(depth)
+        self.width = int(width)
         self._x, self._y, x_test, y_test = load_split(self.test_fraction)
         self._test = DeviceData(x_test, y_test)
         self._partitions: dict[int, list[torch.Tensor]] = {}
@@ -142,7 +179,9 @@ class DigitsTask:
         return len(self._y)
 
     def build_model(self) -> nn.Module:
-        return _BUILDERS[self.model]()
+        if self.model == "deep":
+            return DigitsDeepMLP(self.depth, self.width)
+        return DigitsCNN() if self.model == "cnn" else DigitsMLP()
 
     def init_params(self, seed: int = 0) -> Params:
         return from_module(seeded_module(self.build_model, seed))
@@ -189,6 +228,7 @@ class DigitsTask:
         seed: int = 0,
         speed: float = 1.0,
         should_stop: Callable[[], bool] | None = None,
+        free_memory_mb: float | None = None,
     ) -> TrainResult:
         return train_module(
             seeded_module(self.build_model, 0),
@@ -200,6 +240,7 @@ class DigitsTask:
             global_params=global_params,
             seed=seed,
             should_stop=should_stop,
+            free_memory_mb=free_memory_mb,
         )
 
     def evaluate(self, params: Params, data: DeviceData | None = None) -> dict[str, float]:

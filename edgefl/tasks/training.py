@@ -22,6 +22,19 @@ from torch.nn import functional as F
 from ..params import Params, from_module, load_into, subtract
 from ..wire import TrainConfig
 from .base import DEVICES, PRECISIONS, DeviceData, TrainResult
+from .memory import (
+    PROBE_SAMPLES,
+    BatchPlan,
+    OutOfMemory,
+    disable_checkpointing,
+    enable_checkpointing,
+    fixed_bytes,
+    free_memory,
+    is_out_of_memory,
+    plan_batches,
+    sample_bytes,
+)
+from .optim import LocalOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +47,18 @@ class TrainingStopped(Exception):
     """``should_stop`` asked local training to end early; there is no result."""
 
 
-def accepts_should_stop(train: Callable[..., Any]) -> bool:
-    """Whether a Task's ``train`` takes ``should_stop`` (tasks written before it may not)."""
+def accepts(train: Callable[..., Any], option: str) -> bool:
+    """Whether a Task's ``train`` takes the keyword ``option`` (older tasks may not)."""
     try:
         params = inspect.signature(train).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == "should_stop" or p.kind is p.VAR_KEYWORD for p in params)
+    return any(p.name == option or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def accepts_should_stop(train: Callable[..., Any]) -> bool:
+    """Whether a Task's ``train`` takes ``should_stop`` (tasks written before it may not)."""
+    return accepts(train, "should_stop")
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -114,13 +132,17 @@ def train_module(
     seed: int = 0,
     loss_fn: LossFn = F.cross_entropy,
     should_stop: Callable[[], bool] | None = None,
+    free_memory_mb: float | None = None,
 ) -> TrainResult:
     """Load ``params`` into ``model``, train it on ``data`` as ``cfg`` says, return the delta.
 
     FedProx (``cfg.mu > 0``) pulls towards ``global_params``, or towards the
-    starting ``params`` when none are given. Gradient accumulation weighs each
-    micro-batch by its samples, so ``accum=k`` with batch ``b`` takes the same
-    steps as batch ``k*b``. The same ``seed`` and inputs give the same delta.
+    starting ``params`` when none are given. A step takes ``cfg.batch_size *
+    cfg.accum`` samples in micro-batches weighed by their samples, as large as
+    the free memory allows (``free_memory_mb``, else measured): the steps are the
+    same whatever the micro-batch. An out-of-memory halves the micro-batch and
+    trains the round again from ``params``; one at a time still failing raises
+    ``OutOfMemory``. The same seed, inputs and plan give the same delta.
     ``should_stop`` is asked before every step; True raises ``TrainingStopped``
     (a device agent shutting down mid-round).
     """
@@ -139,43 +161,37 @@ def train_module(
     probe = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:LOSS_PROBE]
     probe = probe.to(dev)
     loss_before = _mean_loss(model, xs[probe], ys[probe], loss_fn, LOSS_PROBE)
+    try:
+        plan = _plan(model, xs, ys, cfg, loss_fn, free_memory(dev, free_memory_mb))
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise OutOfMemory(f"out of memory measuring {PROBE_SAMPLES} samples: {exc}") from exc
 
     anchor = _prox_anchor(model, global_params if global_params is not None else params, cfg)
-    optimizer = _optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=prec == "fp16")
-    generator = torch.Generator().manual_seed(seed)
-    steps = 0
-    epoch_loss = torch.zeros((), device=dev)
     start = time.perf_counter()
-    model.train()
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator).to(dev)
-        epoch_loss = torch.zeros((), device=dev)
-        for group in _step_groups(order, cfg.batch_size, cfg.accum):
-            if should_stop is not None and should_stop():
-                raise TrainingStopped(f"stopped after {steps} steps")
-            group_n = sum(len(b) for b in group)
-            optimizer.zero_grad(set_to_none=True)
-            for batch in group:
-                with _autocast(dev, prec):
-                    loss = loss_fn(model(xs[batch]), ys[batch])
-                epoch_loss += loss.detach().float() * len(batch)
-                weighted = loss.float() * (len(batch) / group_n)
-                if anchor:
-                    weighted = weighted + _prox_term(model, anchor, cfg.mu) * (len(batch) / group_n)
-                scaler.scale(weighted).backward()
-            if cfg.clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            scaler.step(optimizer)
-            scaler.update()
-            steps += 1
+    while True:
+        try:
+            epoch_loss, steps = _epochs(
+                model, xs, ys, cfg, plan, prec, anchor, loss_fn, seed, should_stop
+            )
+            break
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if plan.micro == 1:
+                raise OutOfMemory(f"out of memory one sample at a time: {exc}") from exc
+            plan = plan.halved()
+            log.warning("out of memory in training; again with micro-batches of %d", plan.micro)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            load_into(model, params)
     if dev == "cuda":
         torch.cuda.synchronize()
     train_ms = (time.perf_counter() - start) * 1000.0
     delta = subtract(from_module(model), params)
     metrics = {
-        "loss": float(epoch_loss) / n,
+        "loss": epoch_loss / n,
         "loss_before": loss_before,
         "train_ms": train_ms,
         "peak_mem_mb": peak_memory_mb(dev),
@@ -183,10 +199,88 @@ def train_module(
         "epochs": float(cfg.epochs),
         "steps": float(steps),
         "mixed_precision": 0.0 if prec == "fp32" else 1.0,
+        **plan.metrics(),
     }
     if not math.isfinite(metrics["loss"]):
         log.warning("local training diverged: loss=%s after %d steps", metrics["loss"], steps)
     return TrainResult(delta=delta, n=n, metrics=metrics)
+
+
+def _plan(
+    model: nn.Module,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    cfg: TrainConfig,
+    loss_fn: LossFn,
+    free: int,
+) -> BatchPlan:
+    """The round's micro-batch from ``free`` bytes; checkpointing where it is short of them."""
+    probe = slice(0, PROBE_SAMPLES)
+    plan = plan_batches(
+        cfg.batch_size * cfg.accum,
+        cfg.batch_size,
+        free_bytes=free,
+        sample_bytes=sample_bytes(model, xs[probe], ys[probe], loss_fn),
+        fixed_bytes=fixed_bytes(model, cfg.optimizer),
+    )
+    if plan.micro < cfg.batch_size and enable_checkpointing(model):
+        plan = plan_batches(
+            plan.step,
+            cfg.batch_size,
+            free_bytes=free,
+            sample_bytes=plan.sample_bytes,
+            fixed_bytes=fixed_bytes(model, cfg.optimizer),
+            checkpointed_sample_bytes=sample_bytes(model, xs[probe], ys[probe], loss_fn),
+        )
+        if not plan.checkpointing:
+            disable_checkpointing(model)
+    return plan
+
+
+def _epochs(
+    model: nn.Module,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    cfg: TrainConfig,
+    plan: BatchPlan,
+    prec: str,
+    anchor: dict[str, torch.Tensor],
+    loss_fn: LossFn,
+    seed: int,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[float, int]:
+    """``cfg.epochs`` over the data as ``plan`` says: (the last epoch's summed loss, steps)."""
+    dev = xs.device
+    n = len(ys)
+    optimizer = LocalOptimizer(model.parameters(), cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=prec == "fp16")
+    generator = torch.Generator().manual_seed(seed)
+    steps = 0
+    epoch_loss = torch.zeros((), device=dev)
+    model.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator).to(dev)
+        epoch_loss = torch.zeros((), device=dev)
+        for group in _step_groups(order, plan.step, plan.micro):
+            if should_stop is not None and should_stop():
+                raise TrainingStopped(f"stopped after {steps} steps")
+            group_n = sum(len(b) for b in group)
+            optimizer.zero_grad(set_to_none=True)
+            for batch in group:
+                with _autocast(dev.type, prec):
+                    loss = loss_fn(model(xs[batch]), ys[batch])
+                epoch_loss += loss.detach().float() * len(batch)
+                weighted = loss.float() * (len(batch) / group_n)
+                if anchor:
+                    weighted = weighted + _prox_term(model, anchor, cfg.mu) * (len(batch) / group_n)
+                scaler.scale(weighted).backward()
+            if cfg.clip is not None:
+                scaler.unscale_(optimizer)  # type: ignore[arg-type]
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            scaler.step(optimizer)  # type: ignore[arg-type]
+            scaler.update()
+            steps += 1
+    return float(epoch_loss), steps
 
 
 def evaluate_module(
@@ -226,19 +320,10 @@ def _mean_loss(
     return float(total) / len(ys)
 
 
-def _step_groups(order: torch.Tensor, batch_size: int, accum: int) -> Iterator[list[torch.Tensor]]:
-    """Micro-batches of ``order``, ``accum`` at a time: one optimizer step per group."""
-    batches = list(torch.split(order, batch_size))
-    for begin in range(0, len(batches), accum):
-        yield batches[begin : begin + accum]
-
-
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+def _step_groups(order: torch.Tensor, step: int, micro: int) -> Iterator[list[torch.Tensor]]:
+    """``order`` in steps of ``step`` samples, each in micro-batches of ``micro``."""
+    for chunk in torch.split(order, step):
+        yield list(torch.split(chunk, micro))
 
 
 def _prox_anchor(model: nn.Module, anchor: Params, cfg: TrainConfig) -> dict[str, torch.Tensor]:
