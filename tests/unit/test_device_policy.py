@@ -7,7 +7,7 @@ import pytest
 from edgefl.config import PolicySettings
 from edgefl.device import DEADLINE_PASSED, decide, policy_of, selected
 from edgefl.profiles import Reading
-from edgefl.wire import Model
+from edgefl.wire import Announcement
 
 
 def _verdict(reading: Reading, settings: PolicySettings | None = None, **kw: float) -> str:
@@ -48,7 +48,7 @@ def test_a_passed_deadline_declines_before_anything_else() -> None:
 
 
 def test_an_empty_selection_asks_everyone() -> None:
-    model = Model(sender="gw-1", version=0, round=0, tensors=[])
-    assert selected(model, "dev-1")
-    model.selected = ["dev-2"]
-    assert not selected(model, "dev-1") and selected(model, "dev-2")
+    announcement = Announcement(sender="gw-1", version=0, round=0)
+    assert selected(announcement, "dev-1")
+    announcement.selected = ["dev-2"]
+    assert not selected(announcement, "dev-1") and selected(announcement, "dev-2")

@@ -11,7 +11,7 @@ from edgefl.device import Uploader
 from edgefl.device.delivery import RESEND_MIN_S
 from edgefl.outbox import DiskFull, Outbox
 from edgefl.transport import NotConnected, PublishTimeout
-from edgefl.wire import Model, TrainConfig
+from edgefl.wire import Announcement, TrainConfig
 
 DEV = "dev-1"
 TOPIC = "edgefl/gw-1/update/dev-1"
@@ -133,12 +133,13 @@ def _updates(tmp_path: Path, count: int, clock: Clock | None = None, **caps: int
     return box
 
 
-def _model(receipts: dict[str, tuple[int, int]] | None = None, deadline_s: float = 30) -> Model:
-    return Model(
+def _announcement(
+    receipts: dict[str, tuple[int, int]] | None = None, deadline_s: float = 30
+) -> Announcement:
+    return Announcement(
         sender="gw-1",
         version=1,
         round=1,
-        tensors=[],
         config=TrainConfig(deadline_s=deadline_s),
         receipts=receipts or {},
     )
@@ -149,11 +150,11 @@ async def test_a_puback_is_not_delivery_only_the_nodes_receipt_forgets_an_update
 ) -> None:
     box, transport, uploader = _updates(tmp_path, 3), FakeTransport(), Uploader()
     assert (await uploader.flush(box, transport))[0] == 3  # type: ignore[arg-type]
-    assert (len(box), box.unreceipted) == (0, 3)
-    uploader.note(_model({DEV: (box.incarnation, 1), "dev-9": (box.incarnation, 7)}), DEV)
+    assert (len(box), box.backlog().unreceipted) == (0, 3)
+    uploader.note(_announcement({DEV: (box.incarnation, 1), "dev-9": (box.incarnation, 7)}), DEV)
     await uploader.flush(box, transport)  # type: ignore[arg-type]
     assert [e.seq for e in box.peek()] == [2] and uploader.settled == 2
-    uploader.note(_model({DEV: (box.incarnation + 1, 2)}), DEV)  # another incarnation's
+    uploader.note(_announcement({DEV: (box.incarnation + 1, 2)}), DEV)  # another incarnation's
     await uploader.flush(box, None)
     assert [e.seq for e in box.peek()] == [2]
     assert transport.published == [b"update-0", b"update-1", b"update-2"]
@@ -176,12 +177,12 @@ async def test_an_update_whose_receipt_is_late_goes_again_after_a_round_then_bac
 ) -> None:
     clock = Clock()
     box, transport, uploader = _updates(tmp_path, 1, clock), FakeTransport(), Uploader()
-    uploader.note(_model(deadline_s=10), DEV)
+    uploader.note(_announcement(deadline_s=10), DEV)
     for step, expected in [(0, 1), (9.9, 1), (0.1, 2), (19.9, 2), (0.1, 3)]:
         clock.now += step
         await uploader.flush(box, transport)  # type: ignore[arg-type]
         assert len(transport.published) == expected, (clock.now, expected)
-    uploader.note(_model(deadline_s=1), DEV)
+    uploader.note(_announcement(deadline_s=1), DEV)
     assert uploader.resend_s == RESEND_MIN_S  # never more often than this
 
 
@@ -221,7 +222,7 @@ async def test_the_outbox_is_used_from_worker_threads_never_the_event_loop(
 ) -> None:
     spy, uploader = Spy(_updates(tmp_path, 3)), Uploader()
     await uploader.flush(spy, FakeTransport(fail_at=2))  # type: ignore[arg-type]
-    uploader.note(_model({DEV: (spy.inner.incarnation, 0)}), DEV)
+    uploader.note(_announcement({DEV: (spy.inner.incarnation, 0)}), DEV)
     await uploader.flush(spy, None)  # type: ignore[arg-type]
     assert spy.threads and threading.get_ident() not in spy.threads
     assert [e.seq for e in spy.inner.peek()] == [1, 2]
@@ -236,7 +237,7 @@ async def test_a_full_disk_when_marking_leaves_the_entry_to_be_sent_again(
     assert len(spy.inner) == 2  # not marked delivered: the next flush sends them again
     spy.full = False
     assert (await uploader.flush(spy, transport))[0] == 2  # type: ignore[arg-type]
-    assert (len(spy.inner), spy.inner.unreceipted) == (0, 2)
+    assert (len(spy.inner), spy.inner.backlog().unreceipted) == (0, 2)
 
 
 async def test_nothing_is_attempted_while_disconnected(tmp_path: Path) -> None:
