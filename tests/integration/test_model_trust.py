@@ -25,14 +25,13 @@ from edgefl.signing import (
     generate_key_pair,
     load_private_key,
     load_public_key,
-    sign_model,
     verify_model,
 )
 from edgefl.tasks import Task, load_task, set_torch_threads
-from edgefl.wire import Model, Reason, TrainConfig, encode_model, model_tensors
+from edgefl.wire import Reason, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from aggregator_fakes import Harness, TinyTask, harness
+from aggregator_fakes import Harness, TinyTask, harness, publish_round
 from secure_fleet import serving, until
 
 pytestmark = pytest.mark.integration
@@ -46,20 +45,29 @@ def task() -> Task:
     return load_task("digits", model="mlp")
 
 
-def model(params: Params, sender: str, version: int, **config: Any) -> Model:
-    return Model(
-        sender=sender,
-        version=version,
-        round=version,
-        tensors=model_tensors(params),
-        config=TrainConfig(**{"epochs": 1, **config}),
-        deadline=time.time() + 60,
-    )
+class _Qos1:
+    """The harness's client as a node publishes: QoS 1, retained."""
+
+    def __init__(self, h: Harness) -> None:
+        self.client = h.client
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        await self.client.publish(topic, payload, qos=1, retain=retain)
 
 
-async def publish(h: Harness, node: str, m: Model, key: Ed25519PrivateKey | None = None) -> None:
-    signed = sign_model(m, key) if key is not None else m
-    await h.client.publish(h.topics.model(node), encode_model(signed), qos=1, retain=True)
+async def publish(
+    h: Harness,
+    node: str,
+    params: Params,
+    version: int,
+    key: Ed25519PrivateKey | None = None,
+    **config: Any,
+) -> None:
+    """Play ``node``: the whole model of ``version`` and its round, signed with ``key``."""
+    await publish_round(
+        _Qos1(h), h.topics, node, params, version=version, key=key, round=version,
+        config=TrainConfig(**{"epochs": 1, **config}), deadline=time.time() + 60,
+    )  # fmt: skip
 
 
 def device(broker: RunningBroker, tmp_path: Path, task: Task, **extra: Any) -> DeviceAgent:
@@ -83,11 +91,11 @@ async def test_a_device_with_a_parent_key_trains_only_on_models_its_gateway_sign
     agent = device(broker, tmp_path, task, parent_key=public)
     async with harness(broker.url) as h, serving(agent):
         await until(lambda: agent.connected, 20)
-        await publish(h, GW, model(rotated, GW, 1, epochs=100, batch_size=1))  # unsigned
+        await publish(h, GW, rotated, 1, None, epochs=100, batch_size=1)  # unsigned
         await until(lambda: agent.ignored[Reason.BAD_SIGNATURE.value] == 1, 20)
-        await publish(h, GW, model(rotated, GW, 2), stranger)  # signed, by someone else
+        await publish(h, GW, rotated, 2, stranger)  # signed, by someone else
         await until(lambda: agent.ignored[Reason.BAD_SIGNATURE.value] == 2, 20)
-        await publish(h, GW, model(params, GW, 3), load_private_key(private))
+        await publish(h, GW, params, 3, load_private_key(private))
         await until(lambda: agent.last_metrics.get("version") == 3, 20)
     assert agent.rounds_trained == 1 and agent.progress.trained == (3, 3)
     assert agent.last_metrics["version"] == 3 and agent.progress.model_version == 3
@@ -100,13 +108,13 @@ async def test_a_device_refuses_older_versions_and_unsigned_leaps_ahead(
     agent = device(broker, tmp_path, task, max_version_jump=10)
     async with harness(broker.url) as h, serving(agent):
         await until(lambda: agent.connected, 20)
-        await publish(h, GW, model(params, GW, 5))
+        await publish(h, GW, params, 5)
         await until(lambda: agent.rounds_trained == 1, 20)
-        await publish(h, GW, model(params, GW, 16))  # 11 ahead, unsigned
+        await publish(h, GW, params, 16)  # 11 ahead, unsigned
         await until(lambda: agent.ignored[Reason.VERSION.value] == 1, 20)
-        await publish(h, GW, model(params, GW, 4))  # back
+        await publish(h, GW, params, 4)  # back
         await until(lambda: agent.ignored[Reason.VERSION.value] == 2, 20)
-        await publish(h, GW, model(params, GW, 15))  # 10 ahead: within the bound
+        await publish(h, GW, params, 15)  # 10 ahead: within the bound
         await until(lambda: agent.rounds_trained == 2, 20)
     assert agent.progress.trained == (15, 15) and agent.progress.model_version == 15
     assert dict(agent.ignored) == {Reason.VERSION.value: 2}
@@ -118,7 +126,7 @@ async def test_a_forged_training_config_is_clamped_to_the_devices_bounds(
     agent = device(broker, tmp_path, task, max_epochs=2, min_batch_size=64)
     async with harness(broker.url) as h, serving(agent):
         await until(lambda: agent.connected, 20)
-        await publish(h, GW, model(task.init_params(0), GW, 1, epochs=100, batch_size=1))
+        await publish(h, GW, task.init_params(0), 1, None, epochs=100, batch_size=1)
         await until(lambda: agent.last_metrics.get("event") == "round", 20)
     record = agent.last_metrics
     assert agent.clamped == 1 and record["epochs"] == 2
@@ -132,7 +140,7 @@ async def test_training_past_max_train_s_is_stopped_and_the_round_skipped(
     async with harness(broker.url) as h, serving(agent):
         await until(lambda: agent.connected, 20)
         started = time.monotonic()
-        await publish(h, GW, model(task.init_params(0), GW, 1, epochs=1000, batch_size=1))
+        await publish(h, GW, task.init_params(0), 1, None, epochs=1000, batch_size=1)
         await until(lambda: agent.declined["train_failed"] == 1, 20)
         elapsed = time.monotonic() - started
     assert agent.rounds_trained == 0 and agent.outbox is not None
@@ -164,16 +172,18 @@ async def test_a_gateway_with_a_parent_key_adopts_only_models_the_cloud_signed(
         verify_model(await h.wait_model("gw-1", 0), load_public_key(own_public))
         assert node.link is not None
         rejected = node.rejected.counts
-        await publish(h, "cloud", model(forged, "cloud", 1))
-        await until(lambda: rejected[Reason.BAD_SIGNATURE] == 1, 20)
-        await publish(h, "cloud", model(forged, "cloud", 2), stranger)
+        # Each refused twice: the announcement, and the whole model (a gateway that
+        # holds nothing of its parent's is subscribed to it).
+        await publish(h, "cloud", forged, 1)
         await until(lambda: rejected[Reason.BAD_SIGNATURE] == 2, 20)
+        await publish(h, "cloud", forged, 2, stranger)
+        await until(lambda: rejected[Reason.BAD_SIGNATURE] == 4, 20)
         assert node.link.sync.parent_version == 0
-        await publish(h, "cloud", model(params, "cloud", 3), cloud_key)
+        await publish(h, "cloud", params, 3, cloud_key)
         adopted = await h.wait_model("gw-1", 1, timeout=20)  # signed by the gateway in turn
         verify_model(adopted, load_public_key(own_public))
         assert node.link.sync.parent_version == 3
-        await publish(h, "cloud", model(params, "cloud", 2), cloud_key)  # an old one, replayed
+        await publish(h, "cloud", params, 2, cloud_key)  # an old one, replayed
         await until(lambda: rejected[Reason.VERSION] == 1, 20)
     assert node.link.sync.parent_version == 3 and node.version == 1
 
@@ -186,8 +196,11 @@ async def test_a_gateway_without_a_parent_key_refuses_an_unsigned_leap_ahead(
     async with harness(broker.url) as h, serving(node):
         await h.wait_model("gw-1", 0)
         assert node.link is not None
-        await publish(h, "cloud", model(params, "cloud", 1000))
-        await until(lambda: node.rejected.counts[Reason.VERSION] == 1, 20)
+        await publish(h, "cloud", params, 1000)
+        # Both refused: the announcement, and the whole model (a gateway that holds
+        # nothing of its parent's is subscribed to it).
+        await until(lambda: node.rejected.counts[Reason.VERSION] == 2, 20)
         assert node.link.sync.parent_version == 0
-        await publish(h, "cloud", model(params, "cloud", 100))
+        await publish(h, "cloud", params, 100)
         await until(lambda: node.link is not None and node.link.sync.parent_version == 100, 20)
+    assert node.rejected.counts[Reason.VERSION] == 2  # 100 ahead: within the bound
