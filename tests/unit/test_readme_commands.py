@@ -45,6 +45,9 @@ def _invocations() -> list[tuple[Path, list[str]]]:
     for doc in DOCS:
         for block in _blocks(doc):
             names = dict(re.findall(r'^ *([A-Z]+)="([^"]*)"$', block, re.M))
+            for line in block.splitlines():  # P=1883 S=./state, and a loop's first value
+                names.update(re.findall(r"(?:^| )([A-Z]+)=([^\s\"']+)(?= |$)", line.split("#")[0]))
+                names.update(re.findall(r"\bfor (\w+) in (\S+)", line))
             for line in block.splitlines():
                 for name, value in names.items():
                     line = line.replace(f"${name}", value)
@@ -55,7 +58,7 @@ def _invocations() -> list[tuple[Path, list[str]]]:
                     if token not in ("&&", "||", ";", "|", "&"):
                         words.append(token)
                         continue
-                    while words and (words[0] == "sudo" or "=" in words[0]):
+                    while words and (words[0] in ("sudo", "do", "then") or "=" in words[0]):
                         words.pop(0)
                     if words and Path(words[0]).name == "edgefl":
                         found.append((doc, words[1:]))
