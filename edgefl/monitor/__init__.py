@@ -14,9 +14,10 @@ import json
 import os
 import sys
 import threading
+import time
 from typing import Any
 
-from ..cli import port, positive_float, positive_int
+from ..cli import non_negative_float, port, positive_float, positive_int, run_until_signal
 from .state import DeviceView, FleetState, NodeView
 
 __all__ = [
@@ -76,6 +77,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-devices", type=positive_int, default=40, metavar="N", help="device rows shown"
     )
+    parser.add_argument(
+        "--expire-s", type=non_negative_float, default=600.0, metavar="S",
+        help="forget a node or device offline for this long (0: never)",
+    )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
@@ -88,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"edgefl monitor: error: {describe_error(exc)}", file=sys.stderr)
         return 2
-    monitor = Monitor(settings, max_devices=args.max_devices)
+    monitor = Monitor(settings, max_devices=args.max_devices, expire_s=args.expire_s)
     server = None
     if args.prometheus is not None:
         try:
@@ -116,11 +121,12 @@ def main(args: argparse.Namespace) -> int:
 class Monitor:
     """The shell: one MQTT session feeding a FleetState, shown or exported."""
 
-    def __init__(self, settings: Any, *, max_devices: int = 40) -> None:
+    def __init__(self, settings: Any, *, max_devices: int = 40, expire_s: float = 0.0) -> None:
         self.settings = settings
         self.state = FleetState(settings.prefix)
         self.lock = threading.Lock()
         self.max_devices = max_devices
+        self.expire_s = expire_s
         self.connects = 0  # sessions the broker accepted
 
     async def watch(self) -> None:
@@ -136,8 +142,10 @@ class Monitor:
         await transport.subscribe(topics.all_statuses(), qos=1)
         async with transport:
             async for message in transport.messages():
+                now = time.monotonic()
                 with self.lock:
-                    self.state.apply(message.topic, message.payload)
+                    self.state.apply(message.topic, message.payload, at=now)
+                    self.state.expire(now, self.expire_s)
 
     async def _on_connect(self) -> None:
         self.connects += 1
@@ -169,7 +177,8 @@ class Monitor:
                 await task
 
     def live(self, *, view: bool = True) -> int:
-        asyncio.run(self._live(view))
+        """Until SIGINT or SIGTERM, which end it with exit code 0 as they end every node."""
+        run_until_signal(self._live(view))
         return 0
 
     async def _live(self, view: bool) -> None:
@@ -182,6 +191,7 @@ class Monitor:
 
         def frame() -> Any:
             with self.lock:
+                self.state.expire(time.monotonic(), self.expire_s)
                 return render(self.state, max_devices=self.max_devices)
 
         with Live(get_renderable=frame, refresh_per_second=2, screen=False):

@@ -64,6 +64,8 @@ class NodeView:
     history: deque[tuple[int, int, float]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     metrics_ts: float | None = None
     status_ts: float | None = None
+    #: the monitor's clock when it last heard of the node (``apply``'s ``at``)
+    seen: float | None = None
 
     @property
     def accuracy_history(self) -> list[float]:
@@ -100,6 +102,8 @@ class DeviceView:
     bytes: dict[str, float] = field(default_factory=dict)  # BYTE_COUNTERS, as reported
     status_ts: float | None = None
     metrics_ts: float | None = None
+    #: the monitor's clock when it last heard of the device (``apply``'s ``at``)
+    seen: float | None = None
 
 
 class FleetState:
@@ -115,10 +119,13 @@ class FleetState:
         self.devices: dict[str, DeviceView] = {}
         self.ignored = 0
         self.messages = 0
+        self._at: float | None = None  # the message being applied arrived then
 
-    def apply(self, topic: str, payload: bytes) -> bool:
-        """Fold one message in; False if it was ignored."""
+    def apply(self, topic: str, payload: bytes, at: float | None = None) -> bool:
+        """Fold one message in, received at ``at`` on the caller's clock (what
+        ``expire`` counts from); False if it was ignored."""
         self.messages += 1
+        self._at = at
         try:
             parsed = self.topics.parse(topic)
         except TopicError:
@@ -151,6 +158,9 @@ class FleetState:
         online = doc.get("online")
         online = online if isinstance(online, bool) else None
         if role in ("gateway", "cloud"):
+            # Its parent is a node too, listed before its first metrics: the cloud
+            # publishes no status of its own.
+            self._parent_node(parent)
             node = self._node(sender, role)
             node.parent, node.online, node.status_ts = parent, online, _num(doc.get("ts"))
             if online is not False:
@@ -224,13 +234,38 @@ class FleetState:
         if node is None:
             node = self.nodes[node_id] = NodeView(node_id, tier)
         node.tier = tier
+        node.seen = self._at
         return node
+
+    def _parent_node(self, node_id: str) -> None:
+        """A node named as a parent: the cloud unless its own messages say otherwise."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            self.nodes[node_id] = NodeView(node_id, "cloud", seen=self._at)
 
     def _device(self, device_id: str) -> DeviceView:
         dev = self.devices.get(device_id)
         if dev is None:
             dev = self.devices[device_id] = DeviceView(device_id)
+        dev.seen = self._at
         return dev
+
+    def expire(self, now: float, after_s: float) -> int:
+        """Forget the nodes and devices offline and unheard of for ``after_s`` before
+        ``now`` (0: never); how many went."""
+        if after_s <= 0:
+            return 0
+        gone = 0
+        for table in (self.nodes, self.devices):
+            old = [
+                key
+                for key, view in table.items()
+                if view.online is False and view.seen is not None and now - view.seen > after_s
+            ]
+            for key in old:
+                del table[key]
+            gone += len(old)
+        return gone
 
     def sorted_nodes(self) -> list[NodeView]:
         """The cloud first, then gateways by id."""

@@ -15,16 +15,14 @@ from .state import FleetState
 SPARK = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: Iterable[float], width: int = 30) -> str:
-    """The last ``width`` values as block characters, scaled to their own min..max."""
+def sparkline(values: Iterable[float], width: int = 30, *, lo: float = 0.0, hi: float = 1.0) -> str:
+    """The last ``width`` values as block characters on the fixed scale ``lo..hi``
+    (accuracy: 0..1), values outside it clipped: scaled to their own min..max, a
+    wobble of 0.969-0.975 would draw as a collapse."""
     points = list(values)[-width:]
-    if not points:
-        return ""
-    lo, hi = min(points), max(points)
-    if hi - lo < 1e-12:
-        return SPARK[len(SPARK) // 2] * len(points)
     top = len(SPARK) - 1
-    return "".join(SPARK[round((v - lo) / (hi - lo) * top)] for v in points)
+    span = hi - lo
+    return "".join(SPARK[round((min(max(v, lo), hi) - lo) / span * top)] for v in points)
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:

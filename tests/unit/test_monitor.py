@@ -128,11 +128,10 @@ def test_accuracy_history_keeps_one_point_per_round() -> None:
     assert state.nodes["cloud"].accuracy_history == [0.2, 0.55, 0.9]
 
 
-def test_sparkline_spans_the_lowest_to_the_highest_block() -> None:
-    assert sparkline([0.1, 0.5, 0.9]) == "▁▅█"
-    assert sparkline([0.7, 0.7]) == "▅▅"
+def test_sparkline_draws_the_last_values_on_the_0_to_1_scale() -> None:
+    assert sparkline([0.7, 0.7]) == "▆▆"
     assert sparkline([]) == ""
-    assert len(sparkline(range(100), width=30)) == 30
+    assert len(sparkline([i / 100 for i in range(100)], width=30)) == 30
 
 
 def test_text_view_shows_the_figures(fleet: FleetState) -> None:
@@ -143,7 +142,7 @@ def test_text_view_shows_the_figures(fleet: FleetState) -> None:
     assert "2/3" in text  # participants of selected
     assert "42%" in text and "low_battery" in text
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
-    assert "0.600" in rows["cloud"] and "█▁▅" in rows["cloud"]  # last accuracy, history
+    assert "0.600" in rows["cloud"] and "▇▃▅" in rows["cloud"]  # last accuracy, history
     assert "12" in rows["dev-1"] and "wifi" in rows["dev-1"]
 
 
