@@ -45,7 +45,7 @@ def task() -> Task:
     return load_task("digits", model="mlp")
 
 
-class _Qos1:
+class AsNode:
     """The harness's client as a node publishes: QoS 1, retained."""
 
     def __init__(self, h: Harness) -> None:
@@ -65,7 +65,7 @@ async def publish(
 ) -> None:
     """Play ``node``: the whole model of ``version`` and its round, signed with ``key``."""
     await publish_round(
-        _Qos1(h), h.topics, node, params, version=version, key=key, round=version,
+        AsNode(h), h.topics, node, params, version=version, key=key, round=version,
         config=TrainConfig(**{"epochs": 1, **config}), deadline=time.time() + 60,
     )  # fmt: skip
 

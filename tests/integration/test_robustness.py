@@ -17,7 +17,7 @@ from edgefl.broker import RunningBroker
 from edgefl.checkpoint import CheckpointStore
 from edgefl.config import AggregatorSettings
 from edgefl.params import Params, subtract
-from edgefl.wire import Model, Status, encode_model, encode_status, encode_update, model_tensors
+from edgefl.wire import Status, encode_status, encode_update
 
 sys.path.insert(0, str(Path(__file__).parent))
 from aggregator_fakes import (
@@ -27,16 +27,22 @@ from aggregator_fakes import (
     make_update,
     node_settings,
     params_of,
+    publish_round,
     running,
 )
+from secure_fleet import until
+from test_model_trust import AsNode
 
 pytestmark = pytest.mark.integration
 HONEST = ("d1", "d2", "d3", "d4")
 
 
 def _settings(broker: RunningBroker, tmp_path: Path, **kw: Any) -> AggregatorSettings:
-    """The shipped defaults, apart from the tier, the broker and a short deadline."""
-    return node_settings(broker.url, tmp_path, **{"train": {"deadline_s": 2.0}, **kw})
+    """The shipped defaults, apart from the tier, the broker, a short deadline and float32
+    downlink deltas (the published model is the node's, to float rounding: these tests
+    read the aggregate from it)."""
+    base = {"train": {"deadline_s": 2.0}, "downlink_codec": "f32"}
+    return node_settings(broker.url, tmp_path, **{**base, **kw})
 
 
 def _honest(scale: float = 0.1) -> Params:
@@ -137,13 +143,12 @@ async def test_a_gateway_never_adopts_a_nonfinite_parent_model(
     async with harness(broker.url) as h, running(settings) as node:
         await h.wait_model("gw-1", 0)
         poison = {n: np.full(s, np.nan, np.float32) for n, s in SHAPES.items()}
-        forged = Model(sender="cloud", version=1, round=0, tensors=model_tensors(poison))
-        await h.client.publish(h.topics.model("cloud"), encode_model(forged), qos=1, retain=True)
-        await asyncio.sleep(1.0)
+        await publish_round(AsNode(h), h.topics, "cloud", poison, version=1)
+        await until(lambda: node.rejected.counts["nonfinite"] == 1, 10)
         assert node.sync is not None and node.sync.parent_version == 0
         assert all(np.isfinite(a).all() for a in node.params.values())
-        assert node.rejected.counts["nonfinite"] == 1
-        await h.client.publish(h.topics.model("cloud"), b"", qos=1, retain=True)
+        for topic in (h.topics.model("cloud"), h.topics.round("cloud")):
+            await h.client.publish(topic, b"", qos=1, retain=True)
 
 
 async def test_a_forged_huge_seq_does_not_lock_out_the_real_child(
@@ -245,7 +250,9 @@ async def test_a_restart_after_an_attack_resumes_the_same_finite_model(
                 await h.wait_metrics("cloud", event="round", version=r + 1)
             before = {n: a.copy() for n, a in node.params.items()}
         async with running(settings) as again:
-            assert again.version == 3
+            # The same model, as a new version: what went out as v3 was the shared
+            # model, which a restarted node no longer knows (docs/downlink.md).
+            assert again.version == 4
             for name, value in before.items():
                 np.testing.assert_array_equal(again.params[name], value)
             assert all(np.isfinite(a).all() for a in again.params.values())
