@@ -32,7 +32,7 @@ from edgefl.device import DeviceAgent
 from edgefl.tasks import Task, load_task
 from edgefl.topics import Topics
 from edgefl.transport import Message, Transport
-from edgefl.wire import Update, decode_metrics, decode_model, encode_update, sign
+from edgefl.wire import Update, decode_announcement, decode_metrics, encode_update, sign
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -139,9 +139,12 @@ FORBIDDEN = [
     ("dev-1", T.update("gw-1", "dev-2")),  # another device's update
     ("dev-1", T.status("gw-1", "dev-2")),  # another device's status
     ("dev-1", T.model("gw-1")),  # a model
+    ("dev-1", T.round("gw-1")),  # a round announcement
+    ("dev-1", T.delta("gw-1")),  # a delta
     ("dev-1", T.metrics("gateway", "gw-1")),  # another node's metrics
     ("gw-2", T.update("cloud", "gw-1")),  # another gateway's sync
     ("gw-2", T.model("cloud")),  # the global model
+    ("gw-2", T.round("cloud")),  # the cloud's round
     ("mon", T.status("gw-1", "dev-2")),  # a monitor writes nothing
 ]
 
@@ -151,10 +154,10 @@ async def test_the_broker_drops_forbidden_publishes_and_disconnects_their_sender
 ) -> None:
     s = lambda user: settings_for(secure, user)  # noqa: E731
     # No intruder logs in as an observer: the broker would hand it the observer's session.
-    watched = (T.updates_of("gw-1"), T.statuses_of("gw-1"), T.model("cloud"))
+    watched = (T.updates_of("gw-1"), T.statuses_of("gw-1"), *T.downlink("cloud"))
     async with (
         client(s("gw-1"), "gw", *watched) as gateway,
-        client(s("dev-2"), "victim", T.model("gw-1")) as victim,
+        client(s("dev-2"), "victim", *T.downlink("gw-1")) as victim,
         client(s("cloud"), "cloud", T.updates_of("cloud")) as cloud,
     ):
         for user, topic in FORBIDDEN:
@@ -222,11 +225,11 @@ async def test_a_user_cannot_take_over_another_users_client_id_or_session(
 # ---------------------------------------------------------------------- HMAC
 
 
-def forged_update(task: Task, model_payload: bytes, *, seq: int, key: bytes | None) -> bytes:
-    model = decode_model(model_payload)
+def forged_update(task: Task, round_payload: bytes, *, seq: int, key: bytes | None) -> bytes:
+    announcement = decode_announcement(round_payload)
     delta = {name: np.zeros(shape, np.float32) for name, shape in task.spec().items()}
     update = Update(
-        sender="dev-1", seq=seq, round=model.round, base=model.version, n=100,
+        sender="dev-1", seq=seq, round=announcement.round, base=announcement.version, n=100,
         tensors=encode_params(delta),
     )  # fmt: skip
     return encode_update(sign(update, key) if key is not None else update)
@@ -253,15 +256,15 @@ async def test_updates_signed_with_a_wrong_key_or_unsigned_are_rejected_and_coun
         gateway,
         device,
         client(settings_for(secure, "mon"), "mon", metrics_topic) as watcher,
-        client(settings_for(secure, "dev-1"), "attacker", T.model("gw-1")) as attacker,
+        client(settings_for(secure, "dev-1"), "attacker", T.round("gw-1")) as attacker,
     ):
         workers = [asyncio.ensure_future(x.run()) for x in (gateway, device)]
         try:
             await attacker.until(lambda m: len(m) >= 1, timeout=20)
-            model = attacker.messages[-1].payload
+            announced = attacker.messages[-1].payload
             wrong = secrets.token_bytes(32)
             for seq, key in ((0, wrong), (1, None)):
-                payload = forged_update(task, model, seq=seq, key=key)
+                payload = forged_update(task, announced, seq=seq, key=key)
                 await attacker.transport.publish(T.update("gw-1", "dev-1"), payload)
 
             def counted(messages: list[Message]) -> bool:
