@@ -16,6 +16,7 @@ from edgefl.device import DeviceAgent
 from edgefl.tasks import Task, load_task, set_torch_threads
 
 sys.path.insert(0, str(Path(__file__).parent))
+from aggregator_fakes import publish_round
 from test_device import DEV, GW, TOPICS, Gateway, device_settings, serving
 
 pytestmark = pytest.mark.integration
@@ -28,16 +29,10 @@ def task() -> Task:
 
 
 async def _publish(gw: Gateway, task: Task, *, round_: int, left_s: float, node_now: float) -> None:
-    model = wire.Model(
-        sender=GW,
-        version=1,
-        round=round_,
-        tensors=wire.model_tensors(task.init_params(0)),
-        config=wire.TrainConfig(epochs=1, lr=0.1),
-        deadline=node_now + left_s,
-        sent_at=node_now,
-    )
-    await gw.transport.publish(TOPICS.model(GW), wire.encode_model(model), retain=True)
+    await publish_round(
+        gw.transport, TOPICS, GW, task.init_params(0), version=1, round=round_,
+        config=wire.TrainConfig(epochs=1, lr=0.1), deadline=node_now + left_s, sent_at=node_now,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("offset_s", [3600.0, -3600.0])
