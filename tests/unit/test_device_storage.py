@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,10 @@ from edgefl.outbox import Outbox
 from edgefl.tasks import load_task, set_torch_threads
 from edgefl.topics import Topics
 from edgefl.transport import MemoryBroker, MemoryTransport
-from edgefl.wire import Model, TrainConfig, decode_update, encode_model, model_tensors
+from edgefl.wire import TrainConfig, decode_update
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+from aggregator_fakes import publish_round
 
 TOPICS = Topics()
 SLOW_DISK_S = 0.01
@@ -64,16 +68,10 @@ async def test_a_device_on_a_slow_disk_never_touches_storage_on_its_event_loop(
         try:
             for version in range(2):  # a round, then its receipt with the next round
                 receipts = {"dev-1": (updates[-1].inc, updates[-1].seq)} if updates else {}
-                model = Model(
-                    sender="gw",
-                    version=version,
-                    round=version,
-                    tensors=model_tensors(task.init_params(version)),
-                    config=TrainConfig(epochs=1),
-                    deadline=0.0,
-                    receipts=receipts,
-                )
-                await gw.publish(TOPICS.model("gw"), encode_model(model), retain=True)
+                await publish_round(
+                    gw, TOPICS, "gw", task.init_params(version), version=version,
+                    round=version, config=TrainConfig(epochs=1), receipts=receipts,
+                )  # fmt: skip
                 async with within(60):
                     async for msg in gw.messages():
                         updates.append(decode_update(msg.payload))

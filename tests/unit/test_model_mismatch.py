@@ -16,32 +16,23 @@ from edgefl.tasks import load_task, set_torch_threads
 from edgefl.topics import Topics
 from edgefl.transport import MemoryBroker, MemoryTransport
 from edgefl.wire import (
-    Model,
     Status,
     TrainConfig,
     decode_status,
-    encode_model,
     encode_status,
     encode_update,
-    model_tensors,
 )
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
-from aggregator_fakes import TinyTask, delta_of, make_update
+from aggregator_fakes import TinyTask, delta_of, make_update, publish_round
 
 TOPICS = Topics()
 
 
-def _model(task_model: str, version: int = 0) -> Model:
-    task = load_task("digits", model=task_model)
-    return Model(
-        sender="gw",
-        version=version,
-        round=version,
-        tensors=model_tensors(task.init_params(0)),
-        config=TrainConfig(epochs=1),
-        deadline=0.0,
-    )
+async def _publish(gw: MemoryTransport, task_model: str, version: int = 0) -> None:
+    params = load_task("digits", model=task_model).init_params(0)
+    config = TrainConfig(epochs=1)
+    await publish_round(gw, TOPICS, "gw", params, version=version, round=version, config=config)
 
 
 async def _status_with(gw: MemoryTransport, reason: str) -> Status:
@@ -66,12 +57,12 @@ async def test_a_device_sent_a_model_it_cannot_load_says_model_mismatch_until_on
         await gw.subscribe(TOPICS.statuses_of("gw"))
         runner = asyncio.create_task(agent.run())
         try:
-            await gw.publish(TOPICS.model("gw"), encode_model(_model("mlp")), retain=True)
+            await _publish(gw, "mlp")
             async with within(10):
                 status = await _status_with(gw, "model_mismatch")
             assert status.online and not status.eligible
             assert agent.ignored["shape"] == 1 and agent.rounds_trained == 0
-            await gw.publish(TOPICS.model("gw"), encode_model(_model("cnn", 1)), retain=True)
+            await _publish(gw, "cnn", 1)
             async with within(10):
                 status = await _status_with(gw, "")
             assert status.eligible
