@@ -23,6 +23,7 @@ from typing import Any
 
 from ..broker import BrokerError, RunningBroker, start_broker
 from ..config import AggregatorSettings, ConfigError, MqttSettings
+from ..errors import EdgeflError
 from ..topics import Topics
 from ..transport import Transport
 from ..wire import Model, Rejected, decode_metrics, encode_model, model_tensors
@@ -129,6 +130,8 @@ def run_simulation(
         finally:
             with _no_interrupts():
                 pool.stop()
+                if broker_kind == "external":  # a broker of its own goes with its messages
+                    _clear_leftovers(url, ["cloud", *scenario.gateway_ids()])
         pids = pool.pids
     wall_s = time.time() - started
     if pool.errors and run.stopped != "interrupted":
@@ -192,6 +195,16 @@ def _broker(choice: str) -> Iterator[tuple[str, str]]:
     finally:
         with _no_interrupts():
             running.stop()
+
+
+def _clear_leftovers(url: str, nodes: list[str]) -> None:
+    """The run's retained statuses, models and announcements: a later fleet would read them."""
+    from .leftovers import clear_retained
+
+    try:
+        asyncio.run(clear_retained(url, nodes, client_id=f"edgefl-sim-{os.getpid()}"))
+    except (OSError, EdgeflError) as exc:
+        log.warning("retained messages of the run left on %s: %s", url, exc)
 
 
 def _check_reachable(url: str) -> None:
