@@ -149,7 +149,7 @@ def add_settings_flags(
             group = groups[section] = parser.add_argument_group(title)
         names = [_flag(dotted), *ALIASES.get(dotted, [])]
         choices = _choices(info.annotation)
-        text = info.description or dotted.rpartition(".")[2].replace("_", " ")
+        text = info.description or ""
         if choices:
             text += f"; one of {', '.join(choices)}"
         help_text = f"{text} (default: {_default_text(info)})"

@@ -37,18 +37,21 @@ class TrainConfig(_Strict):
     """Local training settings that a node sends to its children with each Model."""
 
     epochs: int = Field(1, ge=1, le=1000, description="local epochs per round")
-    batch_size: int = Field(32, ge=1, le=65536)
-    lr: float = Field(0.05, gt=0, le=10)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1, le=65536, description="samples per training step")
+    lr: float = Field(0.05, gt=0, le=10, description="learning rate of the local optimizer")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="the local optimizer")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty of the optimizer")
     mu: float = Field(0.0, ge=0, description="FedProx proximal term; 0 is plain FedAvg")
     clip: float | None = Field(None, gt=0, description="max gradient norm, none to disable")
     accum: int = Field(1, ge=1, le=1024, description="gradient accumulation steps")
     deadline_s: float = Field(30.0, gt=0, description="seconds until the round closes")
     #: the update codecs a child may send (``edgefl.codecs``); others are refused.
     codecs: list[Annotated[str, Field(max_length=16)]] = Field(
-        default_factory=lambda: ["u8", "topk", "f32", "f16"], min_length=1, max_length=16
+        default_factory=lambda: ["u8", "topk", "f32", "f16"],
+        min_length=1,
+        max_length=16,
+        description="the update codecs a child may send (JSON list); others are refused",
     )
     min_fraction: float = Field(
         0.05, gt=0, le=1, description="least share of a tensor's values a sparse update keeps"

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from edgefl import cli
+from edgefl.config import AggregatorSettings, DeviceSettings, iter_fields
 
 HOSTILE = [
     "",
@@ -204,6 +205,11 @@ def test_the_cloud_needs_no_id(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(Ran):
         cli.main(["cloud"])
     assert seen[0].id == "cloud" and seen[0].tier == "cloud"
+
+
+@pytest.mark.parametrize("model", [DeviceSettings, AggregatorSettings], ids=lambda m: m.__name__)
+def test_every_setting_says_what_it_is(model: type[Any]) -> None:
+    assert [dotted for dotted, info in iter_fields(model) if not info.description] == []
 
 
 @pytest.mark.parametrize("command", sorted(_commands()))
