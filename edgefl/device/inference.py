@@ -127,7 +127,7 @@ class Inference:
         load_into(module, params)
         module.eval()
         if self.int8:
-            with warnings.catch_warnings():  # torch.ao.quantization is deprecated in torch 2.10+
+            with warnings.catch_warnings():  # recent torch deprecates torch.ao.quantization
                 warnings.simplefilter("ignore")
                 module = torch.ao.quantization.quantize_dynamic(
                     module, {nn.Linear}, dtype=torch.qint8
