@@ -111,7 +111,7 @@ class ModelFeed:
         """
         out = self.base_topics()
         need = "none" if version is None else self.follower.need(version)
-        if need == "delta":
+        if need == "delta" and version is not None:
             if self._delta_for is None or self._delta_for[0] != version:
                 self._delta_for = (version, self.clock())
             elif self.clock() - self._delta_for[1] > DELTA_WAIT_S:

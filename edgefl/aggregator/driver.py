@@ -170,7 +170,10 @@ class Driver:
                 selected=list(rnd.selected),
                 deadline=rnd.deadline,
                 sent_at=node.clock(),
-                receipts=node.gate.ledger.receipts(node.children.known),
+                receipts=node.gate.ledger.announced(
+                    node.children.known,
+                    {c for c in node.children.known if not node.children.is_device(c)},
+                ),
             )
             if node._model_key is not None:
                 announcement = sign_model(announcement, node._model_key)

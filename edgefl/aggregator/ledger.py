@@ -2,19 +2,23 @@
 
 An update is *taken* when admitted into a round and *settled* when that round is
 saved (folded) or the update is refused for good; only settled ones are
-checkpointed, so a restarted node accepts the redelivery of what it lost. Pure.
+checkpointed, so a restarted node accepts the redelivery of what it lost. An
+announcement carries only the receipts that changed lately, so it stays small. Pure.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 #: Settled seqs remembered exactly above a sender's floor (above a gap, since the run
 #: from the floor is absorbed into it at once); past this, the lowest are given up.
 WINDOW = 256
+#: Announcements a receipt rides in after it changes. A child that missed them all
+#: resends (after ``RESEND_MIN_S``); that settled update seen again brings it back.
+RECEIPT_ANNOUNCEMENTS = 3
 
 
 @dataclass
@@ -62,16 +66,25 @@ class Ledger:
         self.max_senders = max_senders
         self._settled: OrderedDict[str, _Seen] = OrderedDict()
         self._taken: dict[str, set[tuple[int, int]]] = {}
+        #: announcements made, and per sender the count when its receipt last mattered
+        self._announced = 0
+        self._changed: dict[str, int] = {}
 
     def __contains__(self, sender: object) -> bool:
         return sender in self._settled
 
     def seen(self, sender: str, inc: int, seq: int) -> bool:
-        """Whether this exact update was taken or settled already (a redelivery)."""
+        """Whether this exact update was taken or settled already (a redelivery).
+
+        A settled one sent again means its sender missed the receipt: the next
+        announcements carry that receipt again."""
         if (inc, seq) in self._taken.get(sender, ()):
             return True
         entry = self._settled.get(sender)
-        return entry is not None and entry.inc == inc and entry.has(seq)
+        if entry is None or entry.inc != inc or not entry.has(seq):
+            return False
+        self._changed[sender] = self._announced
+        return True
 
     def note_low(self, sender: str, inc: int, low: int) -> None:
         """The sender says it keeps nothing below ``low`` (dropped or receipted)."""
@@ -79,6 +92,7 @@ class Ledger:
         if entry is None or entry.inc != inc:
             entry = self._settled[sender] = _Seen(inc)
         entry.low = max(entry.low, low)
+        self._changed[sender] = self._announced
 
     def take(self, sender: str, inc: int, seq: int) -> None:
         self._taken.setdefault(sender, set()).add((inc, seq))
@@ -95,8 +109,9 @@ class Ledger:
             entry = self._settled[sender] = _Seen(inc)
         self._settled.move_to_end(sender)
         entry.add(seq)
+        self._changed[sender] = self._announced
         while len(self._settled) > self.max_senders:
-            self._settled.popitem(last=False)
+            self._changed.pop(self._settled.popitem(last=False)[0], None)
 
     def receipt(self, sender: str) -> tuple[int, int] | None:
         """``(inc, seq)``: the child may forget its updates up to ``seq``.
@@ -119,6 +134,17 @@ class Ledger:
             if r is not None:
                 out[s] = r
         return out
+
+    def announced(self, senders: Any, always: Collection[str] = ()) -> dict[str, tuple[int, int]]:
+        """The receipts for the next announcement, which this counts: those of
+        ``senders`` that changed, or were asked for again, within the last
+        ``RECEIPT_ANNOUNCEMENTS`` announcements, and those of ``always`` (gateways: a
+        sync without its receipt would read as refused and be sent as new work)."""
+        self._announced += 1
+        since = self._announced - RECEIPT_ANNOUNCEMENTS
+        return self.receipts(
+            [s for s in senders if s in always or self._changed.get(s, since - 1) >= since]
+        )
 
     def last_seqs(self) -> dict[str, int]:
         return {s: e.last for s, e in self._settled.items()}
@@ -144,4 +170,6 @@ class Ledger:
         else:
             for s, seq in (last_seq or {}).items():
                 ledger._settled[str(s)] = _Seen(0, int(seq), set(), int(seq))
+        # A restarted node does not know which receipts went out: all of them go again.
+        ledger._changed = dict.fromkeys(ledger._settled, 0)
         return ledger
