@@ -75,7 +75,7 @@ def _senders(count: int) -> list[str]:
 def _settings(broker: str, gateway: str, updates: int, state: str) -> AggregatorSettings:
     return AggregatorSettings(
         id=gateway,
-        tier="gateway",
+        role="gateway",
         parent="cloud",
         mqtt={"broker": broker},
         state_dir=state,

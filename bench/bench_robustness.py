@@ -107,14 +107,14 @@ class Node:
         return stats.samples
 
 
-def _settings(tier: str, node: str, column: str) -> AggregatorSettings:
+def _settings(role: str, node: str, column: str) -> AggregatorSettings:
     extra: dict[str, Any] = {}
     if column == "secure":
         extra = {"keys": {"*": KEY.hex()}, "require_signature": True}
     if column == "off":
         extra = {"max_weight_share": 1.0, "clip_factor": 0.0, "max_sample_ratio": 0.0}
-    parent = {"parent": "cloud"} if tier == "gateway" else {}
-    return AggregatorSettings(id=node, tier=tier, evaluate=False, **parent, **extra)  # type: ignore[arg-type]
+    parent = {"parent": "cloud"} if role == "gateway" else {}
+    return AggregatorSettings(id=node, role=role, evaluate=False, **parent, **extra)  # type: ignore[arg-type]
 
 
 def _attack(kind: str, delta: Params, n: int, replace_to: Params) -> tuple[Params, int]:

@@ -46,7 +46,7 @@ ALIASES = {
     "inference.port": ["--predict-port"],
 }
 #: Settings no command line sets: the command itself says which role runs.
-SET_BY_COMMAND = {"tier"}
+SET_BY_COMMAND = {"role"}
 #: Settings of a node with a parent: ``edgefl cloud`` does not offer them.
 GATEWAY_ONLY = {"parent", "sync_every", "parent_key", "max_version_jump", "hmac_key"}
 #: The subcommands that hand their arguments to a module's ``configure_parser``/``main``.
@@ -240,15 +240,15 @@ def _cmd_device(args: argparse.Namespace) -> int:
     return 0
 
 
-def _aggregator_command(tier: str) -> Callable[[argparse.Namespace], int]:
+def _aggregator_command(role: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        args.tier = tier
+        args.role = role
         # The cloud is the node its gateways name as their parent, unless set otherwise.
-        defaults = {"id": "cloud"} if tier == "cloud" else {}
+        defaults = {"id": "cloud"} if role == "cloud" else {}
         settings = settings_from_args(AggregatorSettings, args, defaults)
-        if settings.tier != tier:
+        if settings.role != role:
             raise UsageError(
-                f"'edgefl {tier}' runs the {tier} tier; the settings say {settings.tier}"
+                f"'edgefl {role}' runs the {role}; the settings say role = {settings.role!r}"
             )
         check_state_dir(settings.state_dir)
         setup_logging(settings.log_level)

@@ -226,7 +226,7 @@ class DeviceSettings(_RoleSettings):
 class AggregatorSettings(_RoleSettings):
     """A gateway or the cloud: the same aggregation node, another tier."""
 
-    tier: Literal["gateway", "cloud"] = Field(
+    role: Literal["gateway", "cloud"] = Field(
         "gateway", description="set by the command: edgefl gateway or edgefl cloud"
     )
     parent: str | None = Field(None, description="parent node id ('cloud'); none for the cloud")

@@ -74,12 +74,12 @@ class Aggregator:
         reader: Any = None,
         transport: TransportFactory | None = None,
     ) -> None:
-        if settings.tier == "cloud" and settings.parent is not None:
-            raise ConfigError("the cloud tier has no parent; use tier 'gateway' for a middle tier")
+        if settings.role == "cloud" and settings.parent is not None:
+            raise ConfigError("the cloud has no parent; use role 'gateway' for a middle tier")
         self.settings = settings
         self.id = settings.id
-        self.tier = settings.tier
-        self.parent = (settings.parent or "cloud") if settings.tier == "gateway" else None
+        self.role = settings.role
+        self.parent = (settings.parent or "cloud") if settings.role == "gateway" else None
         self.clock = clock
         # A gateway tells its parent its power and link like any child would.
         self.reader = reader if reader is not None else OsReader()
@@ -105,8 +105,8 @@ class Aggregator:
         self.receive = ReceivePath(self)
         make = transport or functools.partial(Transport, settings.mqtt)
         self.transport = make(
-            f"edgefl-{self.tier}-{self.id}",
-            will=last_will(self.topics, self.parent, self.id, self.tier) if self.parent else None,
+            f"edgefl-{self.role}-{self.id}",
+            will=last_will(self.topics, self.parent, self.id, self.role) if self.parent else None,
             on_connect=self._on_connect,
             on_message=self.receive.dispatch,  # the receive path runs as each message is read
             max_payload_bytes=self._payload_limit,
@@ -131,7 +131,7 @@ class Aggregator:
         self.telemetry = Telemetry(
             self.transport,
             self.topics,
-            role=self.tier,
+            role=self.role,
             sender=self.id,
             parent=self.parent,
             metrics=settings.metrics,
@@ -218,7 +218,7 @@ class Aggregator:
         await self.transport.__aenter__()
         log.info(
             "%s %s: task %s (%d parameters), version %d, round %d, parent %s, broker %s",
-            self.tier,
+            self.role,
             self.id,
             self.task.name,
             num_parameters(self.params),
@@ -282,7 +282,7 @@ class Aggregator:
 
     async def _evaluate(self) -> dict[str, MetricValue]:
         s = self.settings
-        if not (s.evaluate if s.evaluate is not None else self.tier == "cloud"):
+        if not (s.evaluate if s.evaluate is not None else self.role == "cloud"):
             return {}
         started = time.perf_counter()
         result = await asyncio.to_thread(self.task.evaluate, self.params)
@@ -317,7 +317,7 @@ class Aggregator:
         reading = self.reader.read()
         status = Status(
             online=True,
-            role=self.tier,
+            role=self.role,
             id=self.id,
             battery=reading.battery,
             charging=reading.charging,

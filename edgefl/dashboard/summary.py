@@ -32,7 +32,7 @@ def summary(state: FleetState) -> dict[str, Any]:
             for n in nodes
             if "participants" in n.figures
         },
-        "bytes": _bytes_per_tier(state),
+        "bytes": _bytes_per_role(state),
         "rejected": {n.id: _refused(n) for n in nodes if n.rejected_total},
         "clipping": {
             n.id: {k: n.figures.get(k) for k in ("clipped", "clip_bound")}
@@ -52,7 +52,7 @@ def _tree(state: FleetState) -> list[dict[str, Any]]:
     """
     entries: dict[str, dict[str, Any]] = {}
     for n in state.sorted_nodes():
-        entries[n.id] = _node_entry(n.id, n.tier, n.online, n.figures)
+        entries[n.id] = _node_entry(n.id, n.role, n.online, n.figures)
     parents = {n.id: n.parent for n in state.nodes.values()}
     for d in state.sorted_devices():
         gateway = d.gateway or "?"
@@ -71,7 +71,7 @@ def _tree(state: FleetState) -> list[dict[str, Any]]:
             roots.append(entry)  # a claimed cycle is broken here, not drawn
         else:
             entries[parent]["children"].append(entry)
-    return sorted(roots, key=lambda e: (e["tier"] != "cloud", e["id"]))
+    return sorted(roots, key=lambda e: (e["role"] != "cloud", e["id"]))
 
 
 def _is_above(node_id: str, other: str, parents: dict[str, str | None]) -> bool:
@@ -87,12 +87,12 @@ def _is_above(node_id: str, other: str, parents: dict[str, str | None]) -> bool:
 
 
 def _node_entry(
-    node_id: str, tier: str, online: bool | None, figures: dict[str, float]
+    node_id: str, role: str, online: bool | None, figures: dict[str, float]
 ) -> dict[str, Any]:
     shown = ("round", "version", "participants", "selected", "accuracy")
     return {
         "id": node_id,
-        "tier": tier,
+        "role": role,
         "online": online,
         **{k: figures.get(k) for k in shown},
         "children": [],
@@ -105,15 +105,15 @@ def _refused(node: NodeView) -> dict[str, int]:
     return {reason: count for reason, count in sorted(node.rejected.items()) if count}
 
 
-def _bytes_per_tier(state: FleetState) -> dict[str, dict[str, float]]:
-    """Each byte figure (``bytes_in`` and the MQTT counters) summed over a tier's members."""
+def _bytes_per_role(state: FleetState) -> dict[str, dict[str, float]]:
+    """Each byte figure (``bytes_in`` and the MQTT counters) summed over a role's members."""
     members: list[tuple[str, dict[str, float]]] = [
-        (n.tier, {k: v for k, v in n.figures.items() if k == "bytes_in" or k in BYTE_COUNTERS})
+        (n.role, {k: v for k, v in n.figures.items() if k == "bytes_in" or k in BYTE_COUNTERS})
         for n in state.sorted_nodes()
     ]
     members += [("device", d.bytes) for d in state.sorted_devices()]
-    tiers: dict[str, dict[str, float]] = defaultdict(dict)
-    for tier, figures in members:
+    per_role: dict[str, dict[str, float]] = defaultdict(dict)
+    for role, figures in members:
         for name, value in figures.items():
-            tiers[tier][name] = tiers[tier].get(name, 0) + value
-    return dict(tiers)
+            per_role[role][name] = per_role[role].get(name, 0) + value
+    return dict(per_role)

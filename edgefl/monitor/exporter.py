@@ -30,7 +30,7 @@ class FleetCollector:
     def _node_families(nodes: list[NodeView]) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        labels = ["node", "tier"]
+        labels = ["node", "role"]
         figures = {
             name: GaugeMetricFamily(f"edgefl_{name}", help_, labels=labels)
             for name, help_ in NODE_GAUGES.items()
@@ -46,7 +46,7 @@ class FleetCollector:
             "edgefl_rejected", "updates rejected, by reason", labels=[*labels, "reason"]
         )
         for n in nodes:
-            values = [n.id, n.tier]
+            values = [n.id, n.role]
             for name, value in n.figures.items():
                 if name not in figures:  # one of the MQTT byte counters
                     help_ = f"{name} the node reported"

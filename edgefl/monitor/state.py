@@ -54,7 +54,7 @@ class NodeView:
     """A gateway or the cloud: its last round's metrics and its status."""
 
     id: str
-    tier: str = "gateway"
+    role: str = "gateway"
     parent: str | None = None
     online: bool | None = None
     buffered: int | None = None  # sync updates waiting for the parent
@@ -229,11 +229,11 @@ class FleetState:
                 dev.bytes[name] = count
 
     # ---------------------------------------------------------- accessors
-    def _node(self, node_id: str, tier: str) -> NodeView:
+    def _node(self, node_id: str, role: str) -> NodeView:
         node = self.nodes.get(node_id)
         if node is None:
-            node = self.nodes[node_id] = NodeView(node_id, tier)
-        node.tier = tier
+            node = self.nodes[node_id] = NodeView(node_id, role)
+        node.role = role
         node.seen = self._at
         return node
 
@@ -269,7 +269,7 @@ class FleetState:
 
     def sorted_nodes(self) -> list[NodeView]:
         """The cloud first, then gateways by id."""
-        return sorted(self.nodes.values(), key=lambda n: (n.tier != "cloud", n.id))
+        return sorted(self.nodes.values(), key=lambda n: (n.role != "cloud", n.id))
 
     def sorted_devices(self) -> list[DeviceView]:
         return sorted(self.devices.values(), key=lambda d: (d.gateway or "~", d.id))
@@ -279,7 +279,7 @@ class FleetState:
         return {
             "nodes": {
                 n.id: {
-                    "tier": n.tier,
+                    "role": n.role,
                     "parent": n.parent,
                     "online": n.online,
                     "buffered": n.buffered,

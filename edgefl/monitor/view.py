@@ -48,10 +48,10 @@ def render(state: FleetState, *, max_devices: int = 40, title: str = "edgefl fle
         f"  {time.strftime('%H:%M:%S')}",
     )
     nodes = Table(title="nodes", title_justify="left", expand=False)
-    for col in ("node", "tier", "online", "children", "round", "version", "participants",
+    for col in ("node", "role", "online", "children", "round", "version", "participants",
                 "accuracy", "loss", "round ms", "sync queue", "rejected",
                 "accuracy history"):  # fmt: skip
-        nodes.add_column(col, justify="right" if col not in ("node", "tier") else "left")
+        nodes.add_column(col, justify="right" if col not in ("node", "role") else "left")
     for n in state.sorted_nodes():
         f = n.figures
         participants = _fmt(f.get("participants"))
@@ -60,7 +60,7 @@ def render(state: FleetState, *, max_devices: int = 40, title: str = "edgefl fle
         children = f"{_fmt(f.get('children_online'))}/{_fmt(f.get('children_known'))}"
         rejected = ", ".join(f"{r} {c}" for r, c in sorted(n.rejected.items()) if c) or "0"
         nodes.add_row(
-            n.id, n.tier, _yes(n.online), children, _fmt(f.get("round")),
+            n.id, n.role, _yes(n.online), children, _fmt(f.get("round")),
             _fmt(f.get("version")), participants, _fmt(f.get("accuracy"), 3),
             _fmt(f.get("loss"), 3), _fmt(f.get("round_ms")), _fmt(n.buffered), rejected,
             sparkline(n.accuracy_history),

@@ -280,7 +280,7 @@ async def _serve(run: _Run) -> None:
     async def serve_node(settings: AggregatorSettings) -> None:
         async with Aggregator(settings, task) as node:
             await node.run()
-        if settings.tier == "cloud":
+        if settings.role == "cloud":
             cloud_done.set()
 
     monitor = Transport(

@@ -27,7 +27,7 @@ from ..profiles import Dist, ProfileSpec, SimProfile, draw_profile
 
 #: Settings the simulator owns: a scenario may not set them per tier.
 RESERVED = {
-    "aggregator": ("id", "tier", "parent", "children", "mqtt", "state_dir", "rounds"),
+    "aggregator": ("id", "role", "parent", "children", "mqtt", "state_dir", "rounds"),
     "device": ("id", "gateway", "shard", "num_shards", "mqtt", "state_dir"),
 }
 Attack = Literal["none", "scale", "nan", "sign_flip"]
@@ -166,7 +166,7 @@ class Scenario(_Schema):
             AggregatorSettings,
             fields,
             id="cloud",
-            tier="cloud",
+            role="cloud",
             parent=None,
             children=self.gateway_ids(),
             mqtt={"broker": broker},
@@ -182,7 +182,7 @@ class Scenario(_Schema):
             AggregatorSettings,
             {**self.gateway, **extra},
             id=gid,
-            tier="gateway",
+            role="gateway",
             parent="cloud",
             children=children,
             mqtt={"broker": broker},

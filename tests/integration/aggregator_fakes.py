@@ -202,7 +202,7 @@ def node_settings(broker_url: str, state_dir: Any, **kw: Any) -> AggregatorSetti
     """A cloud-tier node on ``broker_url`` with a short deadline and no evaluation."""
     base: dict[str, Any] = {
         "id": "cloud",
-        "tier": "cloud",
+        "role": "cloud",
         "mqtt": {"broker": broker_url},
         "state_dir": state_dir,
         "train": {"deadline_s": 1.0},

@@ -159,7 +159,7 @@ async def test_a_gateway_reports_its_power_and_link_to_its_parent(
         def read(self) -> Reading:
             return Reading(battery=0.42, charging=False, link="cellular", uplink_kbps=800.0)
 
-    settings = _settings(broker, tmp_path, id="gw-9", tier="gateway")
+    settings = _settings(broker, tmp_path, id="gw-9", role="gateway")
     async with (
         aiomqtt.Client(broker.host, broker.port) as client,
         Aggregator(settings, TinyTask(), reader=OnBattery()) as node,

@@ -57,11 +57,11 @@ async def test_gateway_rounds_go_on_while_the_uplink_is_down_and_sync_when_it_re
     train = TrainConfig(epochs=1, lr=0.1, deadline_s=2)
     common = {"state_dir": tmp_path / "state", "checkpoint": False, "train": train}
     cloud = Aggregator(
-        AggregatorSettings(id="cloud", tier="cloud", mqtt=login(cloud_broker, "cloud"), **common),
+        AggregatorSettings(id="cloud", role="cloud", mqtt=login(cloud_broker, "cloud"), **common),
         task,
     )
     gateway = Aggregator(
-        AggregatorSettings(id="gw-1", tier="gateway", mqtt=login(local_broker, "gw-1"), **common),
+        AggregatorSettings(id="gw-1", role="gateway", mqtt=login(local_broker, "gw-1"), **common),
         task,
     )
     state = tmp_path / "state"

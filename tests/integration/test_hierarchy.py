@@ -31,11 +31,11 @@ FLEET = {"gw1": {"a1": 10, "a2": 30}, "gw2": {"b1": 5, "b2": 20, "b3": 15}}
 
 
 def _node(broker: RunningBroker, tmp_path: Path, node_id: str, **kw: Any) -> AggregatorSettings:
-    tier = "cloud" if node_id == "cloud" else "gateway"
+    role = "cloud" if node_id == "cloud" else "gateway"
     return AggregatorSettings(
         id=node_id,
-        tier=tier,
-        parent=None if tier == "cloud" else "cloud",
+        role=role,
+        parent=None if role == "cloud" else "cloud",
         mqtt={"broker": broker.url},
         state_dir=tmp_path,
         **kw,

@@ -152,7 +152,7 @@ async def test_training_past_max_train_s_is_stopped_and_the_round_skipped(
 
 def gateway(broker: RunningBroker, tmp_path: Path, **extra: Any) -> Aggregator:
     settings = AggregatorSettings(
-        id="gw-1", tier="gateway", parent="cloud", mqtt={"broker": broker.url},
+        id="gw-1", role="gateway", parent="cloud", mqtt={"broker": broker.url},
         state_dir=tmp_path, checkpoint=False, train={"deadline_s": 60}, **extra,
     )  # fmt: skip
     return Aggregator(settings, TinyTask())

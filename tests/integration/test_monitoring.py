@@ -66,9 +66,9 @@ async def fleet(broker: RunningBroker, state_dir: Path, task: Task) -> AsyncIter
     mqtt = MqttSettings(broker=broker.url, reconnect_min_s=0.1, reconnect_max_s=1.0)
     train = TrainConfig(epochs=1, batch_size=32, lr=0.1, deadline_s=20)
     nodes = [
-        Aggregator(AggregatorSettings(id="cloud", tier="cloud", mqtt=mqtt, state_dir=state_dir,
+        Aggregator(AggregatorSettings(id="cloud", role="cloud", mqtt=mqtt, state_dir=state_dir,
                                       train=train, checkpoint=False), task),
-        Aggregator(AggregatorSettings(id="gw-1", tier="gateway", mqtt=mqtt, state_dir=state_dir,
+        Aggregator(AggregatorSettings(id="gw-1", role="gateway", mqtt=mqtt, state_dir=state_dir,
                                       train=train, checkpoint=False), task),
     ]  # fmt: skip
     devices = [
@@ -218,10 +218,10 @@ async def test_every_monitoring_view_agrees_with_the_metrics_topics(
 
     # --prometheus: the last record of each node, after the fleet stopped
     last_cloud, last_gw = cloud_rounds[-1], gw_rounds[-1]
-    assert samples['edgefl_round{node="cloud",tier="cloud"}'] == last_cloud["round"]
-    assert samples['edgefl_accuracy{node="cloud",tier="cloud"}'] == last_cloud["accuracy"]
-    assert samples['edgefl_participants{node="gw-1",tier="gateway"}'] == 2
-    assert samples['edgefl_version{node="gw-1",tier="gateway"}'] == last_gw["version"]
+    assert samples['edgefl_round{node="cloud",role="cloud"}'] == last_cloud["round"]
+    assert samples['edgefl_accuracy{node="cloud",role="cloud"}'] == last_cloud["accuracy"]
+    assert samples['edgefl_participants{node="gw-1",role="gateway"}'] == 2
+    assert samples['edgefl_version{node="gw-1",role="gateway"}'] == last_gw["version"]
     for dev, battery in BATTERY.items():
         labels = f'{{device="{dev}",gateway="gw-1"}}'
         assert samples[f"edgefl_device_battery{labels}"] == battery

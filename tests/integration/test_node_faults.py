@@ -148,7 +148,7 @@ def _gateway(broker: RunningBroker, state: Path, **kw: Any) -> AggregatorSetting
     fields: dict[str, Any] = {"min_updates": 2, "sync_every": 2, "update_codec": "f32", **PLAIN}
     fields.update(kw)
     return AggregatorSettings(
-        id="gw1", tier="gateway", parent="cloud", mqtt={"broker": broker.url}, state_dir=state,
+        id="gw1", role="gateway", parent="cloud", mqtt={"broker": broker.url}, state_dir=state,
         **fields,
     )  # fmt: skip
 
@@ -216,7 +216,7 @@ async def test_a_sync_refused_as_stale_after_an_outage_is_folded_into_the_next_o
     broker: RunningBroker, tmp_path: Path
 ) -> None:
     cloud_settings = AggregatorSettings(
-        id="cloud", tier="cloud", mqtt={"broker": broker.url}, state_dir=tmp_path,
+        id="cloud", role="cloud", mqtt={"broker": broker.url}, state_dir=tmp_path,
         max_staleness=1, quorum=0.01, **PLAIN,
     )  # fmt: skip
     gw_settings = _gateway(broker, tmp_path, sync_every=1, max_staleness=1, train={"deadline_s": 2})
@@ -335,7 +335,7 @@ async def test_a_restart_in_the_other_form_leaves_no_retained_model_of_the_first
 
     for form in (first, second):
         settings = AggregatorSettings(
-            id="cloud", tier="cloud", mqtt={"broker": broker.url, **forms[form]}, state_dir=tmp_path
+            id="cloud", role="cloud", mqtt={"broker": broker.url, **forms[form]}, state_dir=tmp_path
         )
         async with running(settings, WideTask()), within(20):
             while not only(form):  # a subscriber that comes now gets this form only

@@ -139,7 +139,7 @@ async def test_an_overflowing_update_is_rejected_before_it_touches_the_model(
 async def test_a_gateway_never_adopts_a_nonfinite_parent_model(
     broker: RunningBroker, tmp_path: Path
 ) -> None:
-    settings = _settings(broker, tmp_path, id="gw-1", tier="gateway", parent="cloud")
+    settings = _settings(broker, tmp_path, id="gw-1", role="gateway", parent="cloud")
     async with harness(broker.url) as h, running(settings) as node:
         await h.wait_model("gw-1", 0)
         poison = {n: np.full(s, np.nan, np.float32) for n, s in SHAPES.items()}

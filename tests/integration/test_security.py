@@ -240,7 +240,7 @@ async def test_updates_signed_with_a_wrong_key_or_unsigned_are_rejected_and_coun
 ) -> None:
     gateway = Aggregator(
         AggregatorSettings(
-            id="gw-1", tier="gateway", mqtt=settings_for(secure, "gw-1"), state_dir=tmp_path,
+            id="gw-1", role="gateway", mqtt=settings_for(secure, "gw-1"), state_dir=tmp_path,
             checkpoint=False, children=["dev-1", "dev-2"], require_signature=True,
             keys={d: secure.keys[d] for d in ("dev-1", "dev-2")},
         ),
@@ -291,7 +291,7 @@ async def test_a_device_delivers_over_tls_and_plain_mqtt_on_the_tls_port_fails(
     secure: ConfBroker, task: Task, tmp_path: Path
 ) -> None:
     gateway = Aggregator(
-        AggregatorSettings(id="gw-1", tier="gateway", mqtt=settings_for(secure, "gw-1"),
+        AggregatorSettings(id="gw-1", role="gateway", mqtt=settings_for(secure, "gw-1"),
                            state_dir=tmp_path, checkpoint=False, rounds=1),
         task,
     )  # fmt: skip

@@ -138,7 +138,7 @@ def test_every_flag_with_hostile_values_is_one_line_and_exit_2(
         (["gateway", "--id", "g1", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["cloud", "--parent", "cloud"], "unrecognized arguments: --parent"),
         (["cloud", "--sync-every", "2"], "unrecognized arguments: --sync-every"),
-        (["gateway", "--id", "g1", "--tier", "cloud"], "unrecognized arguments: --tier"),
+        (["gateway", "--id", "g1", "--role", "cloud"], "unrecognized arguments: --role"),
         (["simulate", "--rounds", "x"], "error: --rounds: "),
         (["simulate", "--time-scale", "0"], "error: --time-scale: "),
     ],
@@ -204,7 +204,7 @@ def test_the_cloud_needs_no_id(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "settings_from_args", spy)
     with pytest.raises(Ran):
         cli.main(["cloud"])
-    assert seen[0].id == "cloud" and seen[0].tier == "cloud"
+    assert seen[0].id == "cloud" and seen[0].role == "cloud"
 
 
 @pytest.mark.parametrize("model", [DeviceSettings, AggregatorSettings], ids=lambda m: m.__name__)
@@ -230,8 +230,8 @@ def test_literal_settings_list_their_values_and_the_cloud_offers_no_gateway_flag
     assert "one of DEBUG, INFO, WARNING, ERROR" in (device["--log-level"].help or "")
     cloud = {o for a in _options(commands["cloud"]) for o in a.option_strings}
     gateway = {o for a in _options(commands["gateway"]) for o in a.option_strings}
-    for flag in ("--tier", "--parent", "--sync-every", "--parent-key", "--hmac-key"):
+    for flag in ("--role", "--parent", "--sync-every", "--parent-key", "--hmac-key"):
         assert flag not in cloud
-    assert {"--parent", "--sync-every"} <= gateway and "--tier" not in gateway
+    assert {"--parent", "--sync-every"} <= gateway and "--role" not in gateway
     for command in ("monitor", "broker"):
         assert "(default:" in commands[command].format_help()

@@ -53,7 +53,7 @@ def fleet() -> FleetState:
 def test_summary_nests_gateways_under_the_cloud_and_devices_under_their_gateway() -> None:
     doc = summary(fleet())
     cloud, gw2 = doc["tree"]
-    assert (cloud["id"], cloud["tier"], cloud["round"], cloud["accuracy"]) == (
+    assert (cloud["id"], cloud["role"], cloud["round"], cloud["accuracy"]) == (
         "cloud", "cloud", 4, 0.875)  # fmt: skip
     gateways = {g["id"]: g for g in cloud["children"]}
     assert set(gateways) == {"gw-1"}  # gw-2 never said who its parent is

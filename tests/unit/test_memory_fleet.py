@@ -42,7 +42,7 @@ async def test_a_node_on_the_memory_bus_folds_its_children_and_publishes_the_ave
 ) -> None:
     broker = MemoryBroker()
     settings = AggregatorSettings(
-        id="cloud", tier="cloud", state_dir=tmp_path, evaluate=False, max_weight_share=1.0
+        id="cloud", role="cloud", state_dir=tmp_path, evaluate=False, max_weight_share=1.0
     )
     async with (
         MemoryTransport(broker, "children") as kids,

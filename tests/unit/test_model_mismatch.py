@@ -78,7 +78,7 @@ async def test_a_node_leaves_a_mismatched_child_out_of_selection_and_quorum(
     broker = MemoryBroker()
     settings = AggregatorSettings(
         id="cloud",
-        tier="cloud",
+        role="cloud",
         state_dir=tmp_path,
         evaluate=False,
         max_weight_share=1.0,

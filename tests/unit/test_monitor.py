@@ -46,12 +46,12 @@ def fleet() -> FleetState:
 
 def test_statuses_and_metrics_build_per_node_and_per_device_views(fleet: FleetState) -> None:
     gw, cloud = fleet.nodes["gw-1"], fleet.nodes["cloud"]
-    assert (gw.tier, gw.parent, gw.online) == ("gateway", "cloud", True)
+    assert (gw.role, gw.parent, gw.online) == ("gateway", "cloud", True)
     assert gw.figures == {"round": 12, "version": 13, "participants": 2, "selected": 3,
                           "samples": 640}  # fmt: skip
     assert gw.rejected == {"bad_signature": 2, "stale": 1}
     assert gw.rejected_total == 3
-    assert cloud.tier == "cloud" and cloud.figures["accuracy"] == 0.8125
+    assert cloud.role == "cloud" and cloud.figures["accuracy"] == 0.8125
     d1, d2 = fleet.devices["dev-1"], fleet.devices["dev-2"]
     assert (d1.gateway, d1.online, d1.battery, d1.link) == ("gw-1", True, 0.42, "wifi")
     assert (d1.model_version, d1.last_round, d1.loss, d1.rounds_trained) == (7, 12, 0.25, 9)
@@ -153,11 +153,11 @@ def test_prometheus_collector_exports_what_the_topics_carried(fleet: FleetState)
     registry.register(FleetCollector(fleet, threading.Lock()))  # type: ignore[arg-type]
     text = generate_latest(registry).decode()
     expected = [
-        'edgefl_round{node="gw-1",tier="gateway"} 12.0',
-        'edgefl_participants{node="gw-1",tier="gateway"} 2.0',
-        'edgefl_accuracy{node="cloud",tier="cloud"} 0.8125',
-        'edgefl_rejected_total{node="gw-1",reason="bad_signature",tier="gateway"} 2.0',
-        'edgefl_node_online{node="gw-1",tier="gateway"} 1.0',
+        'edgefl_round{node="gw-1",role="gateway"} 12.0',
+        'edgefl_participants{node="gw-1",role="gateway"} 2.0',
+        'edgefl_accuracy{node="cloud",role="cloud"} 0.8125',
+        'edgefl_rejected_total{node="gw-1",reason="bad_signature",role="gateway"} 2.0',
+        'edgefl_node_online{node="gw-1",role="gateway"} 1.0',
         'edgefl_device_online{device="dev-1",gateway="gw-1"} 1.0',
         'edgefl_device_battery{device="dev-1",gateway="gw-1"} 0.42',
         'edgefl_device_buffered{device="dev-1",gateway="gw-1"} 1.0',

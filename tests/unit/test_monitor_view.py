@@ -28,7 +28,7 @@ def test_the_cloud_is_listed_as_soon_as_a_gateway_names_it_as_parent() -> None:
     state = FleetState()
     state.apply(T.status("cloud", "gw-1"), encode_status(Status(role="gateway", online=True)))
     assert set(state.nodes) == {"cloud", "gw-1"}
-    assert state.nodes["cloud"].tier == "cloud" and state.nodes["gw-1"].parent == "cloud"
+    assert state.nodes["cloud"].role == "cloud" and state.nodes["gw-1"].parent == "cloud"
     assert [n.id for n in state.sorted_nodes()] == ["cloud", "gw-1"]
     state.apply(T.metrics("cloud", "cloud"), encode_metrics("cloud", "cloud", {"round": 3}))
     assert state.nodes["cloud"].figures["round"] == 3 and len(state.nodes) == 2

@@ -27,9 +27,9 @@ def test_kit_loads_as_aggregator_settings(path: Path, monkeypatch: pytest.Monkey
     for name in [n for n in os.environ if n.startswith("EDGEFL_")]:
         monkeypatch.delenv(name)  # the file alone, not this shell's overrides
     settings = load_settings(AggregatorSettings, path)
-    tier = "cloud" if path.parent.name == "cloud" else "gateway"
-    assert settings.tier == tier
-    assert (settings.parent is None) == (tier == "cloud")
+    role = "cloud" if path.parent.name == "cloud" else "gateway"
+    assert settings.role == role
+    assert (settings.parent is None) == (role == "cloud")
     assert settings.checkpoint and settings.task
 
 
@@ -43,7 +43,7 @@ def test_kit_requires_signed_updates_and_says_where_the_model_keys_go(
     assert settings.require_signature  # unsigned updates are refused
     text = path.read_text()
     assert "EDGEFL_MODEL_KEY" in text and "model_key" in text  # a secret: not in the file
-    if settings.tier == "gateway":
+    if settings.role == "gateway":
         assert "parent_key" in text and settings.max_version_jump == 100
 
 
@@ -57,8 +57,8 @@ def test_cloud_waits_longer_than_a_gateway_sync_cycle() -> None:
 @pytest.mark.parametrize("unit", ["gateways/edgefl-gateway.service", "cloud/edgefl-cloud.service"])
 def test_systemd_unit_runs_its_tier_with_its_kit_file(unit: str) -> None:
     text = (REPO / unit).read_text()
-    tier = "cloud" if unit.startswith("cloud") else "gateway"
-    assert f"edgefl {tier} --config /etc/edgefl/{tier}.toml" in text
+    role = "cloud" if unit.startswith("cloud") else "gateway"
+    assert f"edgefl {role} --config /etc/edgefl/{role}.toml" in text
     assert "Restart=always" in text and "KillSignal=SIGTERM" in text
 
 

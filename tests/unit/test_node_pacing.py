@@ -47,7 +47,7 @@ async def test_no_two_rounds_open_closer_than_the_minimum_interval(tmp_path: Pat
     broker = MemoryBroker()
     settings = AggregatorSettings(
         id="cloud",
-        tier="cloud",
+        role="cloud",
         state_dir=tmp_path,
         evaluate=False,
         max_weight_share=1.0,

@@ -235,14 +235,14 @@ def test_printed_config_lines_load_as_the_nodes_settings() -> None:
     node = AggregatorSettings(**own)
     assert (node.parent, node.model_key, node.parent_key) == ("cloud", gw_private, cloud_public)
     assert node.require_signature
-    assert AggregatorSettings(id="cloud", tier="cloud", **parents).keys == {"gw-2": key}
+    assert AggregatorSettings(id="cloud", role="cloud", **parents).keys == {"gw-2": key}
     assert DeviceSettings(id="dev-8", **children).parent_key == gw_public
     cloud_private, cloud_public = generate_key_pair()
     cloud = credentials.Credential(
         "cloud", "cloud", "pw", None, None, None, model_key=cloud_private
     )
     own, children = map(tomllib.loads, _sections(credentials.config_lines(cloud)))
-    assert AggregatorSettings(tier="cloud", **own).model_key == cloud_private
+    assert AggregatorSettings(role="cloud", **own).model_key == cloud_private
     assert AggregatorSettings(id="gw-3", **children).parent_key == cloud_public
 
 

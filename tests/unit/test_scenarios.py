@@ -29,7 +29,7 @@ def test_scenario_loads_and_draws_its_fleet(path: Path) -> None:
         profile = scenario.profile(plan)
         assert profile.link.up_kbps > 0 and profile.speed > 0
     nodes = scenario.gateway_settings(0, [plans[0].id], broker="127.0.0.1:1", state_dir=Path("s"))
-    assert nodes.parent == "cloud" and nodes.tier == "gateway"
+    assert nodes.parent == "cloud" and nodes.role == "gateway"
 
 
 def test_default_scenario_is_the_documented_fleet() -> None:

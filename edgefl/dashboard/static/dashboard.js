@@ -39,7 +39,7 @@ function deviceItem(d) {
 
 function nodeItem(n) {
   const item = el("li", { "data-node": n.id },
-    el("span", { class: "name" }, n.id), " ", el("span", { class: "tier" }, n.tier), " ",
+    el("span", { class: "name" }, n.id), " ", el("span", { class: "role" }, n.role), " ",
     badge(n.online, "online", "offline"),
     field("round", "round " + show(n.round)),
     field("version", "v" + show(n.version)),
@@ -93,9 +93,9 @@ function render(doc) {
     return { attrs: { "data-node": node },
       values: [[node], [show(p.round), 1], [show(p.participants), 1], [p.selected ? show(p.selected) : "open", 1], [bar]] };
   }));
-  rows(document.getElementById("bytes"), Object.entries(doc.bytes).flatMap(([tier, counters]) =>
+  rows(document.getElementById("bytes"), Object.entries(doc.bytes).flatMap(([role, counters]) =>
     Object.entries(counters).map(([name, value]) =>
-      ({ attrs: { "data-tier": tier, "data-counter": name }, values: [[tier], [name], [show(value), 1]] }))));
+      ({ attrs: { "data-role": role, "data-counter": name }, values: [[role], [name], [show(value), 1]] }))));
   rows(document.getElementById("rejected"), Object.entries(doc.rejected).flatMap(([node, reasons]) =>
     Object.entries(reasons).map(([reason, count]) =>
       ({ attrs: { "data-node": node, "data-reason": reason }, values: [[node], [reason], [show(count), 1]] }))));
