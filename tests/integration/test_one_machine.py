@@ -70,9 +70,12 @@ async def test_the_one_machine_sequence_trains_and_moves_the_cloud_version(
     )  # fmt: skip
     trained: set[str] = set()
     versions: list[int] = []
+    timed_out = False
     try:
         async with within(90):
             await _watch(port, trained, versions)
+    except TimeoutError:
+        timed_out = True
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(fleet.pid, signal.SIGTERM)
@@ -82,6 +85,7 @@ async def test_the_one_machine_sequence_trains_and_moves_the_cloud_version(
             os.killpg(fleet.pid, signal.SIGKILL)
         log.close()
     output = (tmp_path / "fleet.log").read_text(errors="replace")
+    assert not timed_out, f"trained {sorted(trained)}, cloud versions {versions}\n{output[-3000:]}"
     assert trained == {"pi-001", "pi-002", "pi-003"}, output[-2000:]
     assert max(versions) >= 1
     assert "Traceback" not in output, output[-2000:]
