@@ -146,13 +146,17 @@ def env_name(dotted: str) -> str:
 
 def unknown_variables(cls: type[BaseModel], environ: Mapping[str, str]) -> list[str]:
     """``EDGEFL_`` variables that name no setting of ``cls``: an error, as in a file."""
-    known = {env_name(dotted) for dotted, _ in iter_fields(cls)}
-    sections = {env_name(d.rpartition(".")[0]) for d, _ in iter_fields(cls) if "." in d}
+    fields = list(iter_fields(cls))
+    known = {env_name(dotted) for dotted, _ in fields}
+    sections = {env_name(d.rpartition(".")[0]) for d, _ in fields if "." in d}
+    # A map's entries may come one by one: EDGEFL_KEYS__GW_1=...
+    maps = tuple(env_name(d) + "__" for d, info in fields if is_structured(info.annotation))
     return sorted(
         name
         for name in environ
         if name.upper().startswith("EDGEFL_")
         and name.upper() not in known | sections | OTHER_VARIABLES
+        and not name.upper().startswith(maps)
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,10 @@ def test_a_variable_that_names_no_setting_is_an_error_like_an_unknown_key(
     assert err is not None and "EDGEFL_TRAIN__EPOCHS: unknown setting" in err
     with pytest.raises(Ran):
         cli.main(["gateway", "--id", "g1"])  # where it is a setting, it is taken
+    monkeypatch.delenv("EDGEFL_TRAIN__EPOCHS")
+    monkeypatch.setenv("EDGEFL_TASK_OPTIONS__MODEL", "mlp")  # one entry of a map: a setting
+    with pytest.raises(Ran):
+        cli.main(["device", "--id", "d1"])
     monkeypatch.setenv("EDGEFL_TRAIN__EPOCHS", "many")
     err = _one_line_exit_2(["gateway", "--id", "g1"], capsys)
     assert err is not None and err.startswith("edgefl gateway: error: EDGEFL_TRAIN__EPOCHS: ")
@@ -235,3 +240,13 @@ def test_literal_settings_list_their_values_and_the_cloud_offers_no_gateway_flag
     assert {"--parent", "--sync-every"} <= gateway and "--role" not in gateway
     for command in ("monitor", "broker"):
         assert "(default:" in commands[command].format_help()
+
+
+def test_a_broker_on_a_busy_port_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["broker", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"edgefl broker: error: 127.0.0.1:{port} is already in use (another broker?)\n"
