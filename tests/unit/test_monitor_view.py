@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 from edgefl.monitor import FleetState
 from edgefl.monitor.view import render_text, sparkline
@@ -54,10 +54,26 @@ def test_nodes_and_devices_offline_longer_than_the_expiry_are_forgotten() -> Non
 def test_sigterm_stops_the_monitor_with_exit_code_0() -> None:
     monitor = subprocess.Popen(
         [sys.executable, "-m", "edgefl.cli", "monitor", "--broker", "127.0.0.1:9", "--no-view"],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
     )
-    time.sleep(3)  # the interpreter starts and the session begins its reconnect loop
-    monitor.send_signal(signal.SIGTERM)
-    _, err = monitor.communicate(timeout=30)
-    assert monitor.returncode == 0, err.decode()[-500:]
+    running = threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        assert monitor.stderr is not None
+        for line in monitor.stderr:
+            lines.append(line)
+            if "retrying" in line:  # its session is up and trying the broker
+                running.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert running.wait(30), "".join(lines)
+        monitor.send_signal(signal.SIGTERM)
+        assert monitor.wait(30) == 0, "".join(lines)[-500:]
+    finally:
+        monitor.kill()
+        reader.join(10)
