@@ -11,7 +11,7 @@ import json
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,9 +64,12 @@ def load_settings(
     unknown = unknown_variables(cls, os.environ) if named else []
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown setting")
-    given = {d: f for d, f in (flags or {}).items()}
-    given.update({d: env_name(d) for d in _dotted(from_env) if d not in given})
-    merged = merge(merge(merge(defaults or {}, from_file), from_env), overrides or {})
+    maps = {dotted for dotted, info in iter_fields(cls) if is_structured(info.annotation)}
+    given = dict(flags or {})
+    given.update({d: env_name(d) for d in _dotted(from_env, maps) if d not in given})
+    merged: dict[str, Any] = {}
+    for layer in (defaults or {}, from_file, from_env, overrides or {}):
+        merged = merge(merged, layer, maps)
     return validated(cls, merged, path, given)
 
 
@@ -113,29 +116,31 @@ def values_only(cls: type[B]) -> type[B]:
     return found
 
 
-def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``, sections merged key by key."""
+def merge(
+    base: Mapping[str, Any], top: Mapping[str, Any], maps: Set[str], prefix: str = ""
+) -> dict[str, Any]:
+    """``top`` over ``base``, sections merged key by key; a setting that is itself a map
+    (one of the dotted ``maps``) is replaced whole."""
     out = dict(base)
     for key, value in top.items():
         below = out.get(key)
-        if isinstance(value, Mapping) and isinstance(below, Mapping) and _is_section(key):
-            out[key] = merge(below, value)
+        dotted = prefix + key
+        if isinstance(value, Mapping) and isinstance(below, Mapping) and dotted not in maps:
+            out[key] = merge(below, value, maps, dotted + ".")
         else:
             out[key] = value
     return out
 
 
-def _is_section(key: str) -> bool:
-    return key not in ("task_options", "keys")
-
-
-def _dotted(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+def _dotted(values: Mapping[str, Any], maps: Set[str], prefix: str = "") -> list[str]:
+    """The dotted names of the settings in ``values``."""
     out = []
     for key, value in values.items():
-        if isinstance(value, Mapping) and _is_section(key):
-            out += _dotted(value, f"{prefix}{key}.")
+        dotted = prefix + key
+        if isinstance(value, Mapping) and dotted not in maps:
+            out += _dotted(value, maps, dotted + ".")
         else:
-            out.append(prefix + key)
+            out.append(dotted)
     return out
 
 

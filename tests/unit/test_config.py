@@ -94,3 +94,18 @@ def test_ci_runs_the_readme_test_command() -> None:
     for step in command.split(" && "):
         step = step.replace("$(command -v sudo) ", "").replace(" -qq", "").replace(" -q", "")
         assert step.split()[0] in ci and all(word in ci for word in step.split()), step
+
+
+def test_sections_merge_key_by_key_and_a_map_setting_is_replaced_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _toml(
+        tmp_path,
+        'id = "gw-1"\nkeys = { "dev-1" = "' + "ab" * 16 + '", "dev-2" = "' + "cd" * 16 + '" }\n'
+        '[mqtt]\nusername = "gw-1"\n',
+    )
+    monkeypatch.setenv("EDGEFL_MQTT__PASSWORD", "secret")
+    monkeypatch.setenv("EDGEFL_KEYS", '{"dev-3": "' + "ef" * 16 + '"}')
+    s = load_settings(AggregatorSettings, path)
+    assert (s.mqtt.username, s.mqtt.password) == ("gw-1", "secret")
+    assert s.keys == {"dev-3": "ef" * 16}  # the variable's map, not a blend of the two
