@@ -181,11 +181,11 @@ def settings_from_args(
     for dotted, value in vars(args).items():
         if dotted not in fields:
             continue
-        flags[dotted] = _flag(dotted)
+        flags[dotted] = "/".join([_flag(dotted), *ALIASES.get(dotted, [])])
         try:
             flat[dotted] = parse_flag_value(fields[dotted].annotation, value)
         except ConfigError as exc:
-            raise ConfigError(f"{_flag(dotted)}: {exc}") from None
+            raise ConfigError(f"{flags[dotted]}: {exc}") from None
     config = getattr(args, "config", None)
     return load_settings(model, config, nest(flat), flags=flags, defaults=defaults)
 
@@ -242,9 +242,9 @@ def _cmd_device(args: argparse.Namespace) -> int:
 
 def _aggregator_command(role: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        args.role = role
+        # The command says the role; a file or variable that says another is a mistake.
         # The cloud is the node its gateways name as their parent, unless set otherwise.
-        defaults = {"id": "cloud"} if role == "cloud" else {}
+        defaults = {"role": role, **({"id": "cloud"} if role == "cloud" else {})}
         settings = settings_from_args(AggregatorSettings, args, defaults)
         if settings.role != role:
             raise UsageError(

@@ -153,6 +153,19 @@ def test_a_bad_command_line_says_what_is_wrong(
 
 
 @pytest.mark.usefixtures("accepted")
+def test_a_file_of_the_other_role_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    kit = Path("gateway.toml")
+    kit.write_text('id = "gw-1"\nrole = "gateway"\nparent = "cloud"\n')
+    err = _one_line_exit_2(["cloud", "-c", str(kit)], capsys)
+    assert (
+        err
+        == "edgefl cloud: error: 'edgefl cloud' runs the cloud; the settings say role = 'gateway'\n"
+    )
+    with pytest.raises(Ran):
+        cli.main(["gateway", "-c", str(kit)])
+
+
+@pytest.mark.usefixtures("accepted")
 def test_an_unusable_state_dir_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
