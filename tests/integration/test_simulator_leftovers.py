@@ -43,7 +43,7 @@ async def test_a_run_on_an_external_broker_clears_its_retained_messages(
     run = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "edgefl.cli", "simulate", "--broker", broker.url, "--rounds", "1",
-         "--devices", "2", "--out", str(tmp_path / "run"), "--plain"],
+         "--devices", "1", "--out", str(tmp_path / "run"), "--plain"],
         cwd=ROOT, capture_output=True, text=True, timeout=150,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
