@@ -145,17 +145,6 @@ class Announcement(_Strict):
     sig: bytes | None = None
 
 
-class Status(_Strict):
-    """Liveness and profile of a child, retained, JSON. The LWT is ``online: false``."""
-
-    schema_: int = Field(MONITOR_SCHEMA, alias="schema")
-    online: bool
-    role: Literal["device", "gateway", "cloud"] = "device"
-    id: str = Field("", max_length=64)
-    battery: float | None = Field(None, ge=0, le=1)
-    charging: bool = True
-    link: Literal["ethernet", "wifi", "cellular", "unknown"] = "unknown"
-    uplink_kbps: float | None = Field(None, ge=0)
 class Model(_Strict):
     """A node's model at ``version``, whole: retained for children that need all of it."""
 
@@ -184,6 +173,17 @@ class Delta(msgspec.Struct, forbid_unknown_fields=True):
     sig: bytes | None = None
 
 
+class Status(_Strict):
+    """Liveness and profile of a child, retained, JSON. The LWT is ``online: false``."""
+
+    schema_: int = Field(MONITOR_SCHEMA, alias="schema")
+    online: bool
+    role: Literal["device", "gateway", "cloud"] = "device"
+    id: str = Field("", max_length=64)
+    battery: float | None = Field(None, ge=0, le=1)
+    charging: bool = True
+    link: Literal["ethernet", "wifi", "cellular", "unknown"] = "unknown"
+    uplink_kbps: float | None = Field(None, ge=0)
     buffered: int = Field(0, ge=0)
     model_version: int | None = None
     #: local training samples: the child's declared weight bound (the node caps it).
@@ -290,7 +290,7 @@ def _shape_ok(shape: list[int]) -> bool:
     return math.prod(max(d, 1) for d in shape) <= MAX_ELEMENTS
 
 
-def check_tensors(update: Update, spec: Spec | None) -> None:
+def check_tensors(update: Update | Delta, spec: Spec | None) -> None:
     """Shape bounds, each tensor's codec check (sizes, finite values), names/shapes
     against ``spec``."""
     from . import codecs  # the codecs build on QTensor: imported once wire is whole

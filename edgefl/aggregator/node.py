@@ -159,7 +159,6 @@ class Aggregator:
                 settings.downlink_fraction,
             ),
         )
-        self._wake = asyncio.Event()
         self.feed: ModelFeed | None = None
         if self.parent is not None:
             self.feed = ModelFeed(
@@ -172,6 +171,7 @@ class Aggregator:
                 always_delta=True,
                 on_refuse=lambda exc: self.rejected.add(self.parent or "parent", exc),
             )
+        self._wake = asyncio.Event()
         self._announce_due = False
         self._status_due = True
         self._wait_until = 0.0
@@ -203,12 +203,12 @@ class Aggregator:
                 self.journal, self.receive.on_update, self.round.waiting.__contains__
             )
             self.journal.start()
-        if self.link is not None:
         if self.downlink.model.mark.version >= self.version:
             # What was published as this version is the shared model, not this one: the
             # first model after a restart is a new version, so no number names two.
             self.version = self.downlink.model.mark.version + 1
             self.round.version = self.version
+        if self.link is not None:
             self.link.open(self.state_dir / "sync.sqlite")
         for topic in (self.topics.updates_of(self.id), self.topics.statuses_of(self.id)):
             await self.transport.subscribe(topic)
@@ -299,13 +299,13 @@ class Aggregator:
         )
 
     async def _metrics(self, fields: dict[str, MetricValue]) -> None:
-        self.last_metrics = fields
         fields = {
             **fields,
             **self.meter.fields(parent=self.parent is not None, children=True),
             "delta_bytes": self.downlink.delta_bytes,
             "model_bytes": self.downlink.model_bytes,
         }
+        self.last_metrics = fields
         await self.telemetry.metrics(fields)
 
     async def _heartbeat(self) -> None:

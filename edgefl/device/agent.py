@@ -247,12 +247,12 @@ class DeviceAgent:
             parent=s.gateway,
             metrics=s.metrics,
         )
-                    await self.fetch()
         async with transport:
             self.transport, self.telemetry = transport, telemetry
             try:
                 async for message in transport.messages():
                     self._on_message(message)
+                    await self.fetch()
             finally:
                 self.transport = None
                 if self._online is None or self._online():  # a stop, not a lost link
@@ -341,6 +341,7 @@ class DeviceAgent:
             decision = self.rounds.decide(reading, pending)
             if pending is not None and decision.ok:
                 self._model_due.set()  # things changed: try the declined round again
+            await self.fetch()  # a delta that did not come gives way to the whole model
             await self._publish_status(reading, decision)
 
     async def _publish_status(
@@ -376,17 +377,16 @@ class DeviceAgent:
         backlog = await asyncio.to_thread(self._box().backlog)
         self.last_metrics = finite(
             {
-            await self.fetch()  # a delta that did not come gives way to the whole model
                 **fields,
                 **profile_fields(reading, self.uplink.kbps),
                 "buffered": backlog.pending,
                 "buffered_bytes": backlog.bytes,
-                **self.meter.fields(parent=True, children=False),
                 "dropped": backlog.dropped,
                 "rounds_trained": self.rounds_trained,
                 "declined": sum(self.declined.values()),
                 **{f"declined_{r}": c for r, c in sorted(self.declined.items())},
                 "ignored_models": sum(self.ignored.values()),
+                **self.meter.fields(parent=True, children=False),
             }
         )
         if self.telemetry is not None:

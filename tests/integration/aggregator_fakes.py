@@ -23,20 +23,20 @@ from edgefl.params import Params, Spec, spec_of
 from edgefl.signing import sign_model
 from edgefl.topics import Topics
 from edgefl.wire import (
-    Model,
     Announcement,
+    Model,
     Status,
     Update,
-    decode_metrics,
     decode_announcement,
+    decode_metrics,
     decode_model,
-    encode_status,
     encode_announcement,
     encode_model,
+    encode_status,
     encode_update,
     model_params,
-)
     model_tensors,
+)
 
 SHAPES: dict[str, tuple[int, ...]] = {"w": (3, 4), "b": (4,)}
 
@@ -85,7 +85,6 @@ def make_update(
     return Update(sender=sender, seq=seq, round=round, base=base, n=n, tensors=tensors)
 
 
-class Harness:
 class Seen:
     """An announcement as a child sees it, with the whole model of its version."""
 
@@ -97,6 +96,7 @@ class Seen:
         return getattr(self.announcement, name)
 
 
+class Harness:
     """One real MQTT client playing children of ``node`` and watching topics."""
 
     def __init__(self, client: aiomqtt.Client, topics: Topics) -> None:
@@ -170,8 +170,8 @@ async def harness(broker_url: str, prefix: str = "edgefl") -> AsyncIterator[Harn
     async with aiomqtt.Client(host, int(port), identifier=f"harness-{time.monotonic_ns()}") as c:
         h = Harness(c, topics)
         await c.subscribe(f"{prefix}/+/model", qos=1)
-        await c.subscribe(topics.all_metrics(), qos=1)
         await c.subscribe(f"{prefix}/+/round", qos=1)
+        await c.subscribe(topics.all_metrics(), qos=1)
         listener = asyncio.create_task(h._listen())
         try:
             yield h
