@@ -70,6 +70,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows a flag's default, where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def port(text: str) -> int:
     """An argparse type: a TCP port, 0 (a free one) to 65535."""
     if not text.isdigit() or not 0 <= int(text) <= 65535:
@@ -272,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="edgefl",
         description="Hierarchical edge-to-cloud federated learning over MQTT.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edgefl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -307,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd,
             help=text,
             description=text,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=DefaultsFormatter,
         )
         configure(p)
         p.set_defaults(func=_delegate(module), parser=p)

@@ -253,6 +253,10 @@ def test_literal_settings_list_their_values_and_the_cloud_offers_no_gateway_flag
     assert {"--parent", "--sync-every"} <= gateway and "--role" not in gateway
     for command in ("monitor", "broker"):
         assert "(default:" in commands[command].format_help()
+    for command, _, _ in cli.DELEGATED:
+        text = " ".join(commands[command].format_help().split())
+        assert "(default: None)" not in text and "(default: False)" not in text, command
+        assert "(default: simulators/default.toml) (default:" not in text
 
 
 def test_a_broker_on_a_busy_port_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
