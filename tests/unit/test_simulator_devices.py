@@ -139,7 +139,7 @@ def test_the_outbox_counts_buffered_updates_and_late_deliveries(tmp_path: Path) 
         box.mark_attempt(third)  # counted once
         box.ack(second)
         box.ack(first)
-        assert len(box) == 1 and box.bytes == 10
+        assert len(box) == 1 and box.backlog().bytes == 10
         assert (tally.updates, tally.buffered, tally.late) == (3, 2, 1)
         assert tally.bytes_up == 150
         box.ack(third)
