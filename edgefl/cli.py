@@ -200,15 +200,18 @@ def settings_from_args(
     return load_settings(model, config, nest(flat), flags=flags, defaults=defaults)
 
 
-def check_state_dir(path: Path) -> None:
-    """The state directory exists (or is created) and takes files; ``ConfigError`` if not."""
+def check_writable_dir(path: Path, what: str = "state_dir") -> None:
+    """``path`` is a directory (created if need be) that takes files; ``ConfigError``
+    naming ``what`` (the setting or flag) if not: before anything starts."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"state_dir {path}: not a writable directory ({reason})") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            f"{what} {str(path)[:200]}: not a writable directory ({reason})"
+        ) from None
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -242,7 +245,7 @@ def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
 
 def _cmd_device(args: argparse.Namespace) -> int:
     settings = settings_from_args(DeviceSettings, args)
-    check_state_dir(settings.state_dir)
+    check_writable_dir(settings.state_dir)
     setup_logging(settings.log_level)
     from .device import serve_device
 
@@ -260,7 +263,7 @@ def _aggregator_command(role: str) -> Callable[[argparse.Namespace], int]:
             raise UsageError(
                 f"'edgefl {role}' runs the {role}; the settings say role = {settings.role!r}"
             )
-        check_state_dir(settings.state_dir)
+        check_writable_dir(settings.state_dir)
         setup_logging(settings.log_level)
         from .aggregator import serve_aggregator
 

@@ -97,7 +97,7 @@ def default_out(name: str) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     """Load the scenario, run the fleet, print and write the report."""
-    from ..cli import setup_logging
+    from ..cli import check_writable_dir, setup_logging
     from ..config import ConfigError
     from .scenario_file import load_scenario
 
@@ -112,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario, flags=flag_names(), **overrides_from_args(args))
     setup_logging(level)
     out = Path(args.out) if args.out else default_out(scenario.name)
+    check_writable_dir(out, "--out")  # before the run, not after it
     plain = bool(args.plain) or not sys.stdout.isatty()
 
     from .fleet import run_simulation

@@ -171,12 +171,13 @@ def test_an_unusable_state_dir_is_one_line(
 ) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("")
-    for argv in (
-        ["device", "--id", "d1", "--state-dir", str(a_file)],
-        ["gateway", "--id", "g1", "--state-dir", str(a_file / "below")],
+    for argv, what in (
+        (["device", "--id", "d1", "--state-dir", str(a_file)], "state_dir"),
+        (["gateway", "--id", "g1", "--state-dir", str(a_file / "below")], "state_dir"),
+        (["simulate", "--out", str(a_file)], "--out"),
     ):
         err = _one_line_exit_2(argv, capsys)
-        assert err is not None and "state_dir" in err and "not a writable directory" in err
+        assert err is not None and f"{what} {a_file}" in err and "not a writable directory" in err
 
 
 @pytest.mark.usefixtures("accepted")
