@@ -43,6 +43,18 @@ _BLOCK_START = "# edgefl "
 _BLOCK_RE = re.compile(r"^# edgefl (?P<role>\w+) (?P<id>[A-Za-z0-9_-]{1,64})$")
 
 
+#: Lines of a Mosquitto password file (``user:$7$...``) and of its ACL file.
+_PASSWD_LINE = re.compile(r"^[^:\s]+:\$\d+\$\S*$")
+_ACL_LINE = re.compile(r"^(#.*|(user|topic|pattern)\s.*)$")
+
+
+def _check_format(path: Path, text: str, line: re.Pattern[str], kind: str) -> None:
+    """A file given by mistake (``/etc/passwd``) is refused, never written into."""
+    for number, content in enumerate(text.splitlines(), 1):
+        if content.strip() and not line.match(content.strip()):
+            raise CredentialsError(f"{path} is not a Mosquitto {kind} file (line {number})")
+
+
 class CredentialsError(EdgeflError):
     """A request that cannot be carried out; the message is one line for the user."""
 
@@ -226,6 +238,9 @@ def add(
     except TopicError as exc:
         raise CredentialsError(str(exc)) from None
     previous = acl_file.read_text() if acl_file.exists() else ""
+    _check_format(acl_file, previous, _ACL_LINE, "ACL")
+    if passwd_file.exists():
+        _check_format(passwd_file, passwd_file.read_text(), _PASSWD_LINE, "password")
     parent_role = acl_users(previous).get(parent or "")
     if role == "device" and parent_role not in (None, "gateway"):
         raise CredentialsError(f"--parent {parent} is a {parent_role}, not a gateway")

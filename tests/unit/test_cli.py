@@ -34,6 +34,10 @@ HOSTILE = [
 BASE = {"device": ["--id", "d1"], "gateway": ["--id", "g1"], "credentials": ["add"]}
 
 
+#: The real delegation, for tests that run a command's main to its end.
+real_delegate = cli._delegate
+
+
 class Ran(Exception):
     """The command line was accepted: the service would start here."""
 
@@ -275,3 +279,18 @@ def test_a_broker_on_a_busy_port_says_so_in_one_line(capsys: pytest.CaptureFixtu
         assert cli.main(["broker", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err == f"edgefl broker: error: 127.0.0.1:{port} is already in use (another broker?)\n"
+
+
+@pytest.mark.usefixtures("accepted")
+@pytest.mark.parametrize("flag", ["--passwd-file", "--acl-file"])
+def test_credentials_refuses_to_write_into_a_file_that_is_not_the_brokers(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An /etc/passwd given by mistake is left as it was."""
+    monkeypatch.setattr(cli, "_delegate", real_delegate)
+    system = tmp_path / "passwd"
+    before = system.read_text()
+    argv = ["credentials", "add", "--role", "cloud", flag, str(system)]
+    err = _one_line_exit_2(argv, capsys)
+    assert err is not None and f"{system}" in err and "not a Mosquitto" in err
+    assert system.read_text() == before
