@@ -63,18 +63,14 @@ class ParentLink:
         self._entry: int | None = None  # the entry of the sync in flight
         self._resend = False
         self._drop: int | None = None
-        #: the sync of a checkpoint written before receipts, which counted it as sent
-        self.restored: PendingSync | None = None
 
     def open(self, path: Path) -> None:
-        """Open the outbox and store the sync in flight again (and ``restored``).
+        """Open the outbox and store the sync in flight again.
 
         That sync may or may not have reached the parent before we stopped; if the
         parent has it already, it drops the second copy as a duplicate seq.
         """
         self.outbox = Outbox(path)
-        if self.restored:
-            self.outbox.put(self.restored["topic"], self.restored["payload"])
         if self.sync.inflight is not None:
             self._queue(self.outbox.put(self.topic, self.sync.inflight.payload))
 

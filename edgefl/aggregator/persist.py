@@ -100,7 +100,6 @@ def _take(node: Aggregator, state: NodeState) -> None:
         node.link.sync = ParentSync.from_extra(
             extra["sync"], state.parent_version or 0, max_staleness=node.settings.max_staleness
         )
-        node.link.restored = extra.get("sync")  # written before receipts: counted as sent
 
 
 def unsettled(rnd: Round, later: Iterable[Key] = ()) -> list[Key]:

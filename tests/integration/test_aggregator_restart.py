@@ -39,11 +39,11 @@ def _start(
         "aggregator_fakes:TinyTask",
         "--min-updates",
         "2",
-        "--sync-every",
-        "1000",  # no parent runs here: never wait for one
         "--train-deadline-s",
         "60",
     ]
+    if command == "gateway":
+        args += ["--sync-every", "1000"]  # no parent runs here: never wait for one
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -86,14 +86,15 @@ async def test_killed_node_resumes_at_its_version_and_still_rejects_duplicates(
             # the node is down, waits in the broker session and is taken as one.
             await h.send(node, make_update("c1", 1, delta_of(3), base=1))
             proc = _start(command, node, broker, tmp_path, log)
-            await _models_of(h, node, 1, 2)  # the restarted process announces again ...
+            await _models_of(h, node, 2, 1)  # the restarted process announces again ...
             after = h.models[node][-1]
-            # ... a new round of the same version: whoever trained round 1 trains again.
+            # ... its model as a new version (what children hold was the shared model,
+            # which it does not keep: docs/downlink.md), in a new round.
             assert (before.version, before.round) == (1, 1)
-            assert (after.version, after.round) == (1, 2)
+            assert (after.version, after.round) == (2, 2)
             await h.send(node, make_update("c2", 0, delta_of(2), base=0))  # folded pre-kill
             await h.send(node, make_update("c2", 1, delta_of(4), base=1))
-            m = await h.wait_metrics(node, event="round", version=2, timeout=30)
+            m = await h.wait_metrics(node, event="round", version=3, timeout=30)
         finally:
             proc.kill()
             proc.wait(timeout=10)
