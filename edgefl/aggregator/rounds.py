@@ -109,7 +109,9 @@ class Round:
     def _add(self, sender: str, ok: Admitted, weight: float, *, fresh: bool) -> None:
         update = ok.update
         self.fold.add(
-            Contribution(sender, update.tensors, weight, ok.norm, ok.samples), fresh=fresh
+            Contribution(sender, update.tensors, weight, ok.norm, ok.samples),
+            fresh=fresh,
+            scratch=ok.scratch,
         )
         self.senders.add(sender)
         self.taken.append((sender, update.inc, update.seq))
