@@ -9,13 +9,13 @@ holds and what it must fetch for a version. Pure numpy: no I/O, no asyncio.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import numpy as np
 
 from .errors import Reason, Rejected
-from .params import Params, subtract
+from .params import Params, from_bytes, subtract, to_bytes
 from .wire import Delta, Model, QTensor, model_params
 
 Precision = Literal["f32", "f16"]
@@ -60,7 +60,9 @@ class Shared:
         version published before (a node that adopted its parent's model right after a
         round skips one), or None when there is none to go from (the first version)."""
         held, base = self.held, self.version
-        if held is None or base is None or version <= base:
+        if held is not None and base == version:
+            return None  # there already (a restarted node publishing it again)
+        if held is None or base is None or version < base:
             self.held, self.version = held_as(params, self.dtype), version
             return None
         from . import codecs
@@ -70,6 +72,27 @@ class Shared:
         return Delta(
             sender=self.sender, version=version, base=base, tensors=tensors, dtype=self.dtype
         )
+
+
+    def to_extra(self) -> dict[str, object] | None:
+        """What a checkpoint keeps, so that a restarted node publishes the same bits
+        under the same version (``move`` is deterministic)."""
+        if self.held is None or self.version is None:
+            return None
+        return {"version": self.version, "held": to_bytes(self.held)}
+
+    def restore(self, extra: object, spec: Mapping[str, tuple[int, ...]]) -> bool:
+        """Take what ``to_extra`` kept; False (and nothing taken) if it does not fit."""
+        if not isinstance(extra, dict) or not isinstance(extra.get("version"), int):
+            return False
+        try:
+            held = from_bytes(extra["held"])
+        except (Rejected, KeyError, TypeError):
+            return False
+        if {n: tuple(a.shape) for n, a in held.items()} != dict(spec):
+            return False
+        self.held, self.version = held_as(held, self.dtype), int(extra["version"])
+        return True
 
 
 class Follower:

@@ -203,10 +203,13 @@ class Aggregator:
                 self.journal, self.receive.on_update, self.round.waiting.__contains__
             )
             self.journal.start()
-        if self.downlink.model.mark.version >= self.version:
-            # What was published as this version is the shared model, not this one: the
-            # first model after a restart is a new version, so no number names two.
-            self.version = self.downlink.model.mark.version + 1
+        published, shared = self.downlink.model.mark.version, self.downlink.shared
+        lost = shared.held is None and self.version > 0  # v0 is the seed's model, whole
+        if published > self.version or (published == self.version and lost):
+            # What was published as this version is a shared model this node cannot make
+            # again (an older checkpoint): the next model is a new version, so that no
+            # number names two. With the shared model saved, it resumes as it was.
+            self.version = published + 1
             self.round.version = self.version
         if self.link is not None:
             self.link.open(self.state_dir / "sync.sqlite")

@@ -38,6 +38,9 @@ def snapshot(node: Aggregator) -> NodeState:
     }
     if node.link is not None:
         extra["sync"] = node.link.sync.to_extra()
+    shared = node.downlink.shared.to_extra()
+    if shared is not None:
+        extra["shared"] = shared
     return NodeState(
         params=node.params,
         version=node.version,
@@ -100,6 +103,8 @@ def _take(node: Aggregator, state: NodeState) -> None:
         node.link.sync = ParentSync.from_extra(
             extra["sync"], state.parent_version or 0, max_staleness=node.settings.max_staleness
         )
+    if "shared" in extra and not node.downlink.shared.restore(extra["shared"], node.spec):
+        log.warning("%s: the checkpoint's shared model does not fit; republishing", node.id)
 
 
 def unsettled(rnd: Round, later: Iterable[Key] = ()) -> list[Key]:

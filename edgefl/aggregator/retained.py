@@ -92,7 +92,7 @@ class Downlink:
         self.model = RetainedModel(transport, topics.model(node), max_message_bytes)
         #: the version published in full (delta and whole model); None: none yet
         self.version: int | None = None
-        self._made: tuple[int, bytes, bytes] | None = None
+        self._made: tuple[int, bytes | None, bytes] | None = None
         #: bytes of the last delta and whole model published
         self.delta_bytes = 0
         self.model_bytes = 0
@@ -102,6 +102,7 @@ class Downlink:
     ) -> None:
         """Move the shared model to ``version`` and publish its delta and whole model."""
         if self._made is None or self._made[0] != version:
+            again = self.shared.version == version  # restarted there: the delta is retained
             delta = self.shared.move(params, version)
             held = self.shared.held
             assert held is not None
@@ -113,15 +114,16 @@ class Downlink:
                 delta = sign_model(delta, key) if delta is not None else None
             self._made = (
                 version,
-                b"" if delta is None else encode_delta(delta),
+                None if again else b"" if delta is None else encode_delta(delta),
                 encode_model(model),
             )
         _, delta_payload, model_payload = self._made
         # The delta first: a child that reads the announcement finds what it points to.
-        await self.transport.publish(self.topics.delta(self.node), delta_payload, retain=True)
+        if delta_payload is not None:
+            await self.transport.publish(self.topics.delta(self.node), delta_payload, retain=True)
         await self.model.publish(model_payload, version)
         self.version = version
-        self.delta_bytes, self.model_bytes = len(delta_payload), len(model_payload)
+        self.delta_bytes, self.model_bytes = len(delta_payload or b""), len(model_payload)
 
     async def announce(self, payload: bytes) -> None:
         await self.transport.publish(self.topics.round(self.node), payload, retain=True)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgefl.broker import RunningBroker
@@ -86,15 +87,17 @@ async def test_killed_node_resumes_at_its_version_and_still_rejects_duplicates(
             # the node is down, waits in the broker session and is taken as one.
             await h.send(node, make_update("c1", 1, delta_of(3), base=1))
             proc = _start(command, node, broker, tmp_path, log)
-            await _models_of(h, node, 2, 1)  # the restarted process announces again ...
+            await _models_of(h, node, 1, 2)  # the restarted process announces again ...
             after = h.models[node][-1]
-            # ... its model as a new version (what children hold was the shared model,
-            # which it does not keep: docs/downlink.md), in a new round.
+            # ... a new round of the same version, the same model: whoever trained
+            # round 1 trains again.
             assert (before.version, before.round) == (1, 1)
-            assert (after.version, after.round) == (2, 2)
+            assert (after.version, after.round) == (1, 2)
+            for name, value in before.params.items():
+                np.testing.assert_array_equal(after.params[name], value)
             await h.send(node, make_update("c2", 0, delta_of(2), base=0))  # folded pre-kill
             await h.send(node, make_update("c2", 1, delta_of(4), base=1))
-            m = await h.wait_metrics(node, event="round", version=3, timeout=30)
+            m = await h.wait_metrics(node, event="round", version=2, timeout=30)
         finally:
             proc.kill()
             proc.wait(timeout=10)

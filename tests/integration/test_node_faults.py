@@ -33,8 +33,9 @@ from aggregator_fakes import Harness, TinyTask, delta_of, harness, make_update, 
 pytestmark = pytest.mark.integration
 HERE = Path(__file__).parent
 #: Plain sample-weighted FedAvg, checked exactly below: no share cap, no clip.
-PLAIN = {"max_weight_share": 1.0, "clip_factor": 0.0}
-PLAIN_FLAGS = ["--max-weight-share", "1.0", "--clip-factor", "0"]
+# Exact averages: no share cap, no clipping, and the model down whole in float32.
+PLAIN = {"max_weight_share": 1.0, "clip_factor": 0.0, "downlink_codec": "f32"}
+PLAIN_FLAGS = ["--max-weight-share", "1.0", "--clip-factor", "0", "--downlink-codec", "f32"]
 
 
 def _start(
