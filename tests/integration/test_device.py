@@ -26,6 +26,7 @@ import pytest
 import torch
 from aggregator_fakes import publish_round
 from fake_broker import FakeBroker
+from readme_tables import table_names
 from timeouts import within
 
 from edgefl import codecs, wire
@@ -189,7 +190,7 @@ def undocumented(record: dict[str, Any]) -> set[str]:
     """Fields of a metrics record missing from the README's device metrics table."""
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = re.split(r"\n#{2,4} ", text.split("#### Device metrics", 1)[1], maxsplit=1)[0]
-    names = re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+    names = table_names(section)
     known = [
         re.compile(re.escape(n).replace(re.escape("<reason>"), "[a-z_]+") + "$") for n in names
     ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import subprocess
 import sys
 import urllib.request
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from readme_tables import table_names
 from secure_fleet import serving
 from timeouts import within
 
@@ -50,7 +50,7 @@ class FixedReader:
 def documented_fields() -> set[str]:
     text = (REPO / "README.md").read_text().split("\n## Operating a fleet", 1)[1]
     text = text.split("\n## ", 1)[0]
-    return set(re.findall(r"^\| `([a-z_<>]+)`", text, flags=re.MULTILINE))
+    return set(table_names(text))
 
 
 def is_documented(key: str, documented: set[str]) -> bool:

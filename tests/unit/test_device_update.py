@@ -5,10 +5,11 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from edgefl import codecs, wire
 from edgefl.codecs import decode_params
-from edgefl.config import ConfigError, DeviceSettings
+from edgefl.config import DeviceSettings
 from edgefl.device import Progress, UpdateEncoder
 from edgefl.device.update import float32_bytes
 from edgefl.params import from_bytes, spec_of, to_bytes
@@ -81,8 +82,8 @@ def test_without_error_feedback_no_residual_builds_up() -> None:
     assert enc.feedback.residual == {}
 
 
-def test_a_key_that_is_not_hex_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="hmac_key"):
+def test_a_key_that_is_not_hex_is_refused_by_the_settings() -> None:
+    with pytest.raises(ValidationError, match="hmac_key"):
         UpdateEncoder(_settings(hmac_key="not-hex"))
 
 
