@@ -317,13 +317,13 @@ class Fleet:
 
     def _add_members(self) -> None:
         s, direct = self.shape, f"127.0.0.1:{self.broker.port}"
-        node_flags = ["--log-level", "DEBUG", "--sync-every", "1"]
+        node_flags = ["--log-level", "DEBUG"]
         self._member("cloud", "cloud", direct, *node_flags,
                      "--train-deadline-s", f"{s.cloud_deadline_s:g}")  # fmt: skip
         for name in self.gateway_ids:
             url = self.links[name].url if name in self.links else direct
             self._member("gateway", name, url, *node_flags, "--parent", "cloud",
-                         "--train-deadline-s", f"{s.gateway_deadline_s:g}",
+                         "--sync-every", "1", "--train-deadline-s", f"{s.gateway_deadline_s:g}",
                          "--train-epochs", "1")  # fmt: skip
         for i, name in enumerate(self.device_ids):
             gateway = self.gateway_ids[i // s.devices_per_gateway]
