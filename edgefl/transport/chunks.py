@@ -11,7 +11,7 @@ import hashlib
 import time
 from typing import Any
 
-from ..wire import DEFAULT_MAX_MESSAGE_BYTES, Reason, Rejected, _pack, _unpack
+from ..wire import DEFAULT_MAX_MESSAGE_BYTES, Reason, Rejected, pack_map, unpack_map
 
 _CHUNK_MARK = b"\xa5chunk"  # msgpack fixstr "chunk": the first key of every chunk map
 _CHUNK_OVERHEAD = 200
@@ -36,7 +36,7 @@ def split(payload: bytes, max_bytes: int, *, chunk_id: str | None = None) -> lis
     cid = chunk_id or digest[:8].hex()
     total = -(-len(payload) // part_size)
     return [
-        _pack(
+        pack_map(
             {
                 "chunk": 1,
                 "id": cid,
@@ -137,7 +137,7 @@ class Reassembler:
         return len(old)
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
-        obj = _unpack(payload, self.max_payload_bytes + _CHUNK_OVERHEAD)
+        obj = unpack_map(payload, self.max_payload_bytes + _CHUNK_OVERHEAD)
         try:
             cid, index, total = obj["id"], obj["index"], obj["total"]
             digest, part = obj["sha256"], obj["part"]

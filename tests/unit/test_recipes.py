@@ -102,10 +102,8 @@ def test_bridge_carries_only_this_gateways_cloud_traffic_in_its_direction() -> N
     routes = {
         (parts[1], parts[2]) for parts in (ln.split() for ln in lines) if parts[:1] == ["topic"]
     }
-    model, chunks = T.model_filters("cloud")
     assert routes == {
-        (model, "in"),
-        (chunks, "in"),
+        *((topic, "in") for topic in T.downlink("cloud")),  # announcement, delta, model
         (T.update("cloud", "gw-1"), "out"),
         (T.status("cloud", "gw-1"), "out"),
         (T.metrics("gateway", "gw-1"), "out"),

@@ -1,0 +1,96 @@
+"""Wire schemas and codecs: Update (msgspec) and Model as msgpack, Status and Metrics as JSON.
+
+Decoding untrusted bytes returns a valid object or raises ``Rejected``;
+nothing else escapes. Sizes are checked before parsing. No I/O here.
+"""
+
+from __future__ import annotations
+
+from ..errors import Reason, Rejected
+from .binary import (
+    MAX_ANNOUNCEMENT_BYTES,
+    MAX_ELEMENTS,
+    check_tensors,
+    decode_announcement,
+    decode_delta,
+    decode_model,
+    decode_update,
+    encode_announcement,
+    encode_delta,
+    encode_model,
+    encode_update,
+    model_params,
+    model_tensors,
+    pack_map,
+    sign,
+    unpack_map,
+    verify,
+)
+from .monitoring import (
+    MetricValue,
+    decode_metrics,
+    decode_status,
+    encode_metrics,
+    encode_status,
+)
+from .schemas import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ID_PATTERN,
+    MAX_COUNTER,
+    MONITOR_SCHEMA,
+    SCHEMA_VERSION,
+    Announcement,
+    Count,
+    Delta,
+    FTensor,
+    Model,
+    Ordinal,
+    QTensor,
+    Status,
+    TrainConfig,
+    Update,
+    first_error,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ID_PATTERN",
+    "MAX_ANNOUNCEMENT_BYTES",
+    "MAX_COUNTER",
+    "MAX_ELEMENTS",
+    "MONITOR_SCHEMA",
+    "SCHEMA_VERSION",
+    "Announcement",
+    "Count",
+    "Delta",
+    "FTensor",
+    "MetricValue",
+    "Model",
+    "Ordinal",
+    "QTensor",
+    "Reason",
+    "Rejected",
+    "Status",
+    "TrainConfig",
+    "Update",
+    "check_tensors",
+    "decode_announcement",
+    "decode_delta",
+    "decode_metrics",
+    "decode_model",
+    "decode_status",
+    "decode_update",
+    "encode_announcement",
+    "encode_delta",
+    "encode_metrics",
+    "encode_model",
+    "encode_status",
+    "encode_update",
+    "first_error",
+    "model_params",
+    "model_tensors",
+    "pack_map",
+    "sign",
+    "unpack_map",
+    "verify",
+]

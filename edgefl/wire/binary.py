@@ -1,0 +1,236 @@
+"""Binary payloads: Update, Delta (msgspec) and Announcement, Model (msgpack) to bytes and
+back. Decoding untrusted bytes returns a valid object or raises ``Rejected``; sizes are
+checked before parsing. Update signatures (HMAC) are made and checked here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+import msgpack
+import msgspec
+import numpy as np
+from pydantic import ValidationError
+
+from ..errors import Reason, Rejected
+from ..params import Params, Spec
+from .schemas import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    SCHEMA_VERSION,
+    Announcement,
+    Delta,
+    FTensor,
+    Model,
+    Update,
+    first_error,
+)
+
+# ---------------------------------------------------------------- msgpack codec
+
+_UNPACK_LIMITS = {
+    "max_str_len": 1 << 16,
+    "max_array_len": 1 << 16,
+    "max_map_len": 1 << 12,
+    "max_ext_len": 0,
+}
+
+
+def pack_map(obj: Mapping[str, Any]) -> bytes:
+    """A map as msgpack (binary fields as bin)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack_map(data: bytes, max_bytes: int) -> dict[str, Any]:
+    """A msgpack map from untrusted bytes, within size and nesting limits, or ``Rejected``."""
+    if len(data) > max_bytes:
+        raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, max_bin_len=max_bytes, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise Rejected(Reason.MALFORMED, "not a map")
+    return obj
+
+
+def _signed_body(update: Update) -> bytes:
+    """Canonical bytes an update's signature covers: every field but ``sig``, keys sorted."""
+    fields = msgspec.structs.asdict(update)
+    fields["tensors"] = [msgspec.structs.asdict(t) for t in update.tensors]
+    return pack_map({k: fields[k] for k in sorted(fields) if k != "sig"})
+
+
+def sign(update: Update, key: bytes) -> Update:
+    """Return ``update`` with ``sig`` = HMAC-SHA256 of its other fields under ``key``."""
+    sig = hmac.new(key, _signed_body(update), hashlib.sha256).digest()
+    return msgspec.structs.replace(update, sig=sig)
+
+
+def verify(update: Update, key: bytes) -> None:
+    """Raise ``Rejected(bad_signature)`` unless ``update.sig`` matches ``key``."""
+    if update.sig is None:
+        raise Rejected(Reason.BAD_SIGNATURE, "unsigned")
+    expected = hmac.new(key, _signed_body(update), hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, update.sig):
+        raise Rejected(Reason.BAD_SIGNATURE, "signature mismatch")
+
+
+_UPDATE_ENCODER = msgspec.msgpack.Encoder()
+_UPDATE_DECODER = msgspec.msgpack.Decoder(Update)
+
+
+def encode_update(update: Update) -> bytes:
+    return _UPDATE_ENCODER.encode(update)
+
+
+def decode_update(
+    data: bytes,
+    spec: Spec | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    check: bool = True,
+) -> Update:
+    """Parse and validate untrusted bytes as an Update.
+
+    With ``spec`` the tensor names and shapes must match the model exactly.
+    Signature, duplicate, staleness and norm checks need node state and are
+    the aggregator's job; ``check=False`` leaves ``check_tensors`` to it as well,
+    so that it may first know who sent the update.
+    """
+    if len(data) > max_bytes:
+        raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
+    try:
+        update = _UPDATE_DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise Rejected(Reason.MALFORMED, str(exc)[:200]) from None
+    except Exception as exc:  # DecodeError, but also UnicodeDecodeError and others on garbage
+        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+    if update.v != SCHEMA_VERSION:
+        raise Rejected(Reason.MALFORMED, f"schema version {update.v!r}")
+    if check:
+        check_tensors(update, spec)
+    return update
+
+
+#: Most values a tensor's shape may span, zero dimensions aside (numpy refuses more).
+MAX_ELEMENTS = 1 << 40
+
+
+def _shape_ok(shape: list[int]) -> bool:
+    return math.prod(max(d, 1) for d in shape) <= MAX_ELEMENTS
+
+
+def check_tensors(update: Update | Delta, spec: Spec | None) -> None:
+    """Shape bounds, each tensor's codec check (sizes, finite values), names/shapes
+    against ``spec``."""
+    from .. import codecs  # the codecs build on QTensor: imported once wire is whole
+
+    for t in update.tensors:
+        if not _shape_ok(t.shape):
+            raise Rejected(Reason.SHAPE, f"{t.name}: shape {t.shape[:8]} is too large")
+        codecs.get(t.codec).check(t)
+    if spec is None:
+        return
+    got = {t.name: tuple(t.shape) for t in update.tensors}
+    if len(got) != len(update.tensors) or got != dict(spec):
+        missing = sorted(set(spec) - set(got))
+        extra = sorted(set(got) - set(spec))
+        wrong = sorted(n for n in set(got) & set(spec) if got[n] != tuple(spec[n]))
+        raise Rejected(
+            Reason.SHAPE, f"missing={missing[:3]} extra={extra[:3]} wrong_shape={wrong[:3]}"
+        )
+
+
+def encode_model(model: Model) -> bytes:
+    return pack_map(model.model_dump())
+
+
+def decode_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Model:
+    """Parse a Model; raises ``Rejected(malformed|oversized|shape)`` on bad input.
+
+    Nothing else escapes: a child decodes whatever lands on its parent's model topic.
+    """
+    model = _validated(Model, unpack_map(data, max_bytes))
+    for t in model.tensors:
+        width = 4 if t.dtype == "f32" else 2
+        if not _shape_ok(t.shape) or len(t.data) != math.prod(t.shape) * width:
+            raise Rejected(Reason.SHAPE, f"{t.name}: {len(t.data)} bytes for {t.shape}")
+    return model
+
+
+#: An announcement is small: ids, receipts, a config; never a model.
+MAX_ANNOUNCEMENT_BYTES = 4 * 1024 * 1024
+
+
+def encode_announcement(announcement: Announcement) -> bytes:
+    return pack_map(announcement.model_dump())
+
+
+def decode_announcement(data: bytes, *, max_bytes: int = MAX_ANNOUNCEMENT_BYTES) -> Announcement:
+    """Parse an Announcement; ``Rejected(malformed|oversized)`` on bad input, nothing else."""
+    return _validated(Announcement, unpack_map(data, max_bytes))
+
+
+_M = TypeVar("_M", Model, Announcement)
+
+
+def _validated(cls: type[_M], obj: dict[str, Any]) -> _M:
+    if obj.get("v") != SCHEMA_VERSION:
+        raise Rejected(Reason.MALFORMED, f"schema version {obj.get('v')!r}")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as exc:
+        raise Rejected(Reason.MALFORMED, first_error(exc)) from None
+    except Exception as exc:  # a validator tripping on input pydantic did not foresee
+        raise Rejected(Reason.MALFORMED, f"not a {cls.__name__}: {type(exc).__name__}") from None
+
+
+_DELTA_ENCODER = msgspec.msgpack.Encoder()
+_DELTA_DECODER = msgspec.msgpack.Decoder(Delta)
+
+
+def encode_delta(delta: Delta) -> bytes:
+    return _DELTA_ENCODER.encode(delta)
+
+
+def decode_delta(
+    data: bytes, spec: Spec | None = None, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Delta:
+    """Parse and check a Delta (sizes, finiteness, and names and shapes against ``spec``)."""
+    if len(data) > max_bytes:
+        raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
+    try:
+        delta = _DELTA_DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise Rejected(Reason.MALFORMED, str(exc)[:200]) from None
+    except Exception as exc:  # DecodeError, but also UnicodeDecodeError and others on garbage
+        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+    if delta.v != SCHEMA_VERSION:
+        raise Rejected(Reason.MALFORMED, f"schema version {delta.v!r}")
+    if delta.version <= delta.base:
+        raise Rejected(Reason.VERSION, f"delta from v{delta.base} to v{delta.version}")
+    check_tensors(delta, spec)
+    return delta
+
+
+def model_tensors(params: Params, dtype: Literal["f32", "f16"] = "f32") -> list[FTensor]:
+    """Dense wire tensors of ``params`` (float16 halves the downlink)."""
+    np_dtype = "<f4" if dtype == "f32" else "<f2"
+    return [
+        FTensor(name=n, shape=list(a.shape), dtype=dtype, data=a.astype(np_dtype).tobytes())
+        for n, a in params.items()
+    ]
+
+
+def model_params(model: Model) -> Params:
+    """The float32 parameters carried by a Model."""
+    return {
+        t.name: np.frombuffer(t.data, dtype="<f4" if t.dtype == "f32" else "<f2")
+        .astype(np.float32)
+        .reshape(t.shape)
+        for t in model.tensors
+    }
