@@ -7,6 +7,7 @@ wire objects and hex strings: no files, no network, no clock.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, TypeVar
 
 import msgpack
@@ -23,6 +24,20 @@ Signed = TypeVar("Signed", Model, Announcement, Delta)
 
 #: An Ed25519 key, private or public, is 32 bytes: 64 hex digits.
 KEY_HEX_DIGITS = 64
+
+
+log = logging.getLogger(__name__)
+_warned_unsigned: set[str] = set()
+
+
+def warn_unsigned(child: str, parent: str) -> None:
+    """One WARNING per process that a child takes unsigned models (a simulator runs
+    thousands of children in one process: the first says it for all)."""
+    if not _warned_unsigned:
+        _warned_unsigned.add(child)
+        log.warning(
+            "%s: no parent_key: unsigned models from %s are taken (logged once)", child, parent
+        )
 
 
 def generate_key_pair() -> tuple[str, str]:

@@ -24,7 +24,7 @@ from ..outbox import Outbox
 from ..params import Params, num_parameters
 from ..profiles import OsReader
 from ..robust import NormWindow
-from ..signing import load_private_key, load_public_key
+from ..signing import load_private_key, load_public_key, warn_unsigned
 from ..supervise import bounded, first_completed
 from ..tasks import Task, load_task, set_torch_threads
 from ..telemetry import ByteMeter, Telemetry, last_will
@@ -142,9 +142,7 @@ class Aggregator:
         self._model_key = load_private_key(settings.model_key) if settings.model_key else None
         self._parent_key = load_public_key(settings.parent_key) if settings.parent_key else None
         if self.parent is not None and self._parent_key is None:
-            log.warning(
-                "%s: no parent_key: unsigned models from %s are adopted", self.id, self.parent
-            )
+            warn_unsigned(self.id, self.parent)
         self.journal: Journal | None = None
         self._replay_later: list[tuple[Key, bytes]] = []
         self.downlink = Downlink(

@@ -21,9 +21,9 @@ from typing import Any
 
 from ..config import ConfigError, DeviceSettings
 from ..fetch import ModelFeed
-from ..outbox import DiskFull, Outbox
-from ..profiles import Decision, Reading, UplinkEstimator, Usage, power_model
-from ..signing import load_public_key
+from ..outbox import Outbox
+from ..profiles import Decision, Reading, UplinkEstimator
+from ..signing import load_public_key, warn_unsigned
 from ..supervise import bounded, first_completed, wait_event
 from ..tasks import DeviceData, Task, load_task, set_torch_threads
 from ..tasks.training import accepts_should_stop
@@ -32,16 +32,16 @@ from ..topics import Topics
 from ..transport import LOST, AnyTransport, Message, Transport, TransportFactory
 from ..wire import Announcement, MetricValue, Status
 from .delivery import Uploader
+from .energy import EnergyAccount
 from .inference import Endpoint, Inference, Prediction
 from .policy import policy_of, selected
-from .report import device_status, energy_fields, finite, profile_fields, status_key
+from .report import device_status, finite, profile_fields, status_key
 from .rounds import PROGRESS_KEY, Rounds
 from .update import Progress, UpdateEncoder
 
 log = logging.getLogger(__name__)
 
 #: The outbox state key of the rounds trained and their joules.
-USAGE_KEY = "device.usage"
 
 #: How long a clean stop waits to publish ``online: false``.
 GOODBYE_TIMEOUT_S = 2.0
@@ -69,6 +69,8 @@ class DeviceAgent:
     - ``delay``: seconds to wait before sending an entry of ``n`` bytes (a simulated uplink).
     - ``transport``: a ``TransportFactory`` (default: MQTT on ``settings.mqtt``);
       ``MemoryBroker().factory()`` runs the agent on the in-memory bus.
+    - ``encoder``: the ``UpdateEncoder`` (default: from ``settings``); ``open_outbox``:
+      what opens the outbox file (default ``Outbox``), e.g. a subclass that counts.
     """
 
     def __init__(
@@ -82,17 +84,20 @@ class DeviceAgent:
         delay: Callable[[int], float] | None = None,
         data: DeviceData | None = None,
         transport: TransportFactory | None = None,
+        encoder: UpdateEncoder | None = None,
+        open_outbox: Callable[..., Outbox] = Outbox,
     ) -> None:
         self.settings = settings
         self._transport = transport
         self.id = settings.id
         self.topics = Topics(settings.mqtt.prefix)
         self.update_topic = self.topics.update(settings.gateway, settings.id)
-        self.encoder = UpdateEncoder(settings)  # a bad key fails before the task loads
+        self.encoder = encoder or UpdateEncoder(settings)  # a bad key fails before the task
+        self._open_outbox = open_outbox
         key = settings.parent_key
         self.parent_key = load_public_key(key) if key else None
         if key is None:
-            _warn_unsigned(settings.id, settings.gateway)
+            warn_unsigned(f"device {settings.id}", settings.gateway)
         try:
             self.task = task or load_task(settings.task, **settings.task_options)
             self.data = data or self.task.device_data(settings.shard, settings.num_shards)
@@ -142,12 +147,7 @@ class DeviceAgent:
         self._flush_due = asyncio.Event()
         self._status_sent_at = -math.inf
         self.rounds = Rounds(self)
-        e = settings.energy
-        self.power = power_model(
-            e.board, train_w=e.train_w, up_j_per_mb=e.up_j_per_mb, down_j_per_mb=e.down_j_per_mb
-        )
-        self.usage = Usage()  # rounds trained and their joules: the duty cycle and the budget
-        self._model_bytes = 0  # models and deltas received since the last round trained
+        self.energy = EnergyAccount(settings.energy, self.clock)
         self.inference = Inference(
             getattr(self.task, "build_model", None),
             tuple(self.data.source_x.shape[1:]),
@@ -165,14 +165,17 @@ class DeviceAgent:
         s = self.settings
         # An unreadable file is set aside there and a new one (new incarnation) created.
         box = await asyncio.to_thread(
-            Outbox, self.state_path, max_entries=s.outbox_max_entries, max_bytes=s.outbox_max_bytes
+            self._open_outbox,
+            self.state_path,
+            max_entries=s.outbox_max_entries,
+            max_bytes=s.outbox_max_bytes,
         )
         self.outbox = box
         saved, backlog = await asyncio.to_thread(
             lambda: (box.get_state(PROGRESS_KEY), box.backlog())
         )
         self.progress = Progress.load(saved)
-        self.usage = Usage.load(await asyncio.to_thread(box.get_state, USAGE_KEY))
+        await self.energy.load(box)
         if s.inference.port:
             try:
                 self.endpoint = Endpoint(self.inference, s.inference.port)
@@ -286,7 +289,7 @@ class DeviceAgent:
             self._latest, self._received_at = got, self.clock()
             self._model_due.set()
         elif got:  # the model moved to a new version
-            self._model_bytes += len(message.payload)
+            self.energy.received += len(message.payload)
             version, held = self.feed.version, self.feed.held
             if version is not None and held is not None and self.inference.wants(version):
                 self.inference.offer(version, held)
@@ -392,31 +395,7 @@ class DeviceAgent:
         if self.telemetry is not None:
             await self.telemetry.metrics(self.last_metrics)
 
-    # --------------------------------------------------- energy, predictions
-    def usage_now(self) -> dict[str, Any]:
-        """The duty cycle's and the daily budget's counts now, as the policy takes them."""
-        now = self.clock()
-        return {
-            "rounds_last_hour": self.usage.rounds_within(now),
-            "energy_day_j": self.usage.joules_within(now),
-        }
-
-    async def spend(self, train_ms: float, upload_bytes: int) -> dict[str, MetricValue]:
-        """A trained round's energy by the power model: recorded, saved, and as metrics.
-
-        The radio counts the update's upload and what was downloaded for the round (the
-        model or delta bytes received since the previous round), each once.
-        """
-        down, self._model_bytes = self._model_bytes, 0
-        energy = self.power.round_energy(train_ms / 1000.0, upload_bytes, down)
-        now = self.clock()
-        self.usage.record(now, energy.total_j)
-        try:
-            await asyncio.to_thread(self._box().set_state, USAGE_KEY, self.usage.dump())
-        except DiskFull as exc:
-            log.warning("device %s: energy usage not saved: %s", self.id, exc)
-        return energy_fields(energy, down, self.usage.joules_within(now))
-
+    # ------------------------------------------------------------ predictions
     def predict(self, x: Any) -> Prediction:
         """The newest complete model's outputs for ``x`` (one row or a batch of rows).
 
@@ -424,20 +403,6 @@ class DeviceAgent:
         ``BadInput`` for rows that do not fit. Thread-safe.
         """
         return self.inference.predict(x)
-
-
-_warned: set[str] = set()
-
-
-def _warn_unsigned(device: str, gateway: str) -> None:
-    """Once per process: a simulator runs thousands of agents in one."""
-    if not _warned:
-        _warned.add(device)
-        log.warning(
-            "device %s: no parent_key: unsigned models from %s are accepted (logged once)",
-            device,
-            gateway,
-        )
 
 
 async def _until(online: Callable[[], bool], wanted: bool) -> None:

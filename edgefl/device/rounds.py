@@ -106,7 +106,7 @@ class Rounds:
             expected_bytes=plan.bytes,
             deadline=deadline,
             now=now,
-            **agent.usage_now(),
+            **agent.energy.now(),
         )
 
     def deadline(self, model: Announcement | None) -> float:
@@ -191,7 +191,7 @@ class Rounds:
         agent._status_due.set()  # buffered changed
         sent, upload_ms = await agent._flush()
         m = result.metrics
-        energy = await agent.spend(m.get("train_ms", 0.0), size)
+        energy = await agent.energy.spend(agent._box(), m.get("train_ms", 0.0), size, agent.id)
         log.info(
             "device %s: round %d (v%d) trained on %d samples, loss %.4f -> %.4f in %.0f ms; "
             "update seq %d, %d bytes, %s",

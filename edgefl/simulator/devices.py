@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,6 +25,8 @@ from ..tasks.training import accepts_should_stop
 
 __all__ = ["SimReader"]
 from ..codecs import encode_params
+from ..device import UpdateEncoder
+from ..outbox import Outbox
 from ..tasks import DeviceData, TrainResult
 from ..wire import QTensor, TrainConfig
 
@@ -147,18 +150,12 @@ def attack_delta(delta: dict[str, np.ndarray], attack: str, scale: float) -> dic
     return delta
 
 
-class NaNEncoder:
+class NaNEncoder(UpdateEncoder):
     """An update encoder that sends float32 NaNs whatever was trained.
 
     The agent refuses to send a non-finite delta, as an honest device should;
     a poisoning device skips that check, so the attack sits after it.
     """
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     def tensors(self, delta: dict[str, np.ndarray], round_: int) -> list[QTensor]:
         return encode_params(
@@ -278,26 +275,28 @@ class UplinkDelay:
         return self.clock.real(self.profile.link.upload_delay_s(nbytes))
 
 
-class CountingOutbox:
+class CountingOutbox(Outbox):
     """The agent's outbox, counting updates buffered offline and delivered late.
 
     An update is buffered when it is stored while the device is offline or its
     first publish fails; it is late when such an update is acknowledged later.
     """
 
-    def __init__(self, inner: Any, tally: DeviceTally, connected: Callable[[], bool]) -> None:
-        self._inner = inner
+    def __init__(
+        self,
+        path: Path,
+        tally: DeviceTally,
+        connected: Callable[[], bool],
+        **options: Any,
+    ) -> None:
+        super().__init__(path, **options)
         self._tally = tally
         self._connected = connected
         self._sizes: dict[int, int] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def put_with_seq(self, sender: str, topic: str, build: Callable[[int], bytes]) -> Any:
+    def put_with_seq(
+        self, sender: str, topic: str, build: Callable[[int], bytes]
+    ) -> tuple[int, int]:
         size = 0
 
         def measured(seq: int) -> bytes:
@@ -306,7 +305,7 @@ class CountingOutbox:
             size = len(payload)
             return payload
 
-        entry_id, seq = self._inner.put_with_seq(sender, topic, measured)
+        entry_id, seq = super().put_with_seq(sender, topic, measured)
         self._tally.updates += 1
         self._sizes[entry_id] = size
         if not self._connected():
@@ -315,15 +314,15 @@ class CountingOutbox:
 
     def mark_attempt(self, entry_id: int) -> None:
         self._buffer(entry_id)
-        self._inner.mark_attempt(entry_id)
+        super().mark_attempt(entry_id)
 
     def mark_delivered(self, entry_id: int) -> None:
         """The agent's PUBACK (the entry then waits for its receipt): counted once."""
-        self._inner.mark_delivered(entry_id)
+        super().mark_delivered(entry_id)
         self._delivered(entry_id)
 
     def ack(self, entry_id: int) -> None:
-        self._inner.ack(entry_id)
+        super().ack(entry_id)
         self._delivered(entry_id)
 
     def _delivered(self, entry_id: int) -> None:

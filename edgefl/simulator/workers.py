@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -16,7 +17,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -130,6 +130,7 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
             tally = DeviceTally(plan.id, plan.gateway, cohort.name)
             settings = scenario.device_settings(plan, broker=spec.broker, state_dir=state_dir)
             reader = ScaledReader(SimReader(profile, clock), scenario.time_scale)
+            made: list[DeviceAgent] = []  # the agent, once made: its outbox asks it
             agent = DeviceAgent(
                 settings,
                 SimulatedTask(
@@ -146,13 +147,15 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
                 online=None if always_online(profile) else reader.online,
                 delay=UplinkDelay(profile, clock),
                 data=task.device_data(plan.shard, plan.num_shards),
+                encoder=NaNEncoder(settings) if cohort.attack == "nan" else None,
+                open_outbox=functools.partial(
+                    CountingOutbox,
+                    tally=tally,
+                    connected=functools.partial(_connected, made),
+                ),
             )
-            if cohort.attack == "nan":
-                agent.encoder = NaNEncoder(agent.encoder)  # type: ignore[assignment]
+            made.append(agent)
             await stack.enter_async_context(agent)
-            agent.outbox = CountingOutbox(  # type: ignore[assignment]
-                agent.outbox, tally, _connected(agent)
-            )
             tallies.append((agent, profile, tally))
         if spec.plans:
             warm_up(task, scenario.seed, spec.plans[0].shard, spec.plans[0].num_shards)
@@ -170,8 +173,9 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
         conn.send(("done", spec.index, done))
 
 
-def _connected(agent: Any) -> Callable[[], bool]:
-    return lambda: bool(agent.connected)
+def _connected(agents: list[Any]) -> bool:
+    """Whether the agent (once made) has its MQTT session."""
+    return bool(agents) and bool(agents[0].connected)
 
 
 async def _until_connected(agents: list[Any], timeout_s: float) -> int:

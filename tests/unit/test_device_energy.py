@@ -78,7 +78,7 @@ async def test_energy_per_round_is_the_power_model_of_its_train_time_and_bytes(
     assert m["energy_radio_j"] == pytest.approx(radio_j, abs=1e-6)
     assert m["energy_j"] == pytest.approx(train_j + radio_j, abs=1e-6)
     assert m["energy_day_j"] == pytest.approx(m["energy_j"], abs=1e-6)
-    assert agent.usage.rounds_within(agent.clock()) == 1
+    assert agent.energy.usage.rounds_within(agent.clock()) == 1
 
 
 @pytest.mark.parametrize(

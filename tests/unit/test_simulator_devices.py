@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefl.outbox import Outbox
+from edgefl.config import DeviceSettings
 from edgefl.params import l2_norm
 from edgefl.profiles import MarkovConnectivity, SimBattery, SimLink, SimProfile, SimReader
 from edgefl.simulator.devices import (
@@ -110,16 +110,9 @@ def test_the_scale_attack_multiplies_the_honest_delta(task) -> None:  # type: ig
 
 
 def test_the_nan_encoder_sends_float32_nans_that_the_codec_rejects() -> None:
-    class Honest:
-        error_feedback = True
-
-        def tensors(self, delta: dict[str, np.ndarray], round_: int) -> list[object]:
-            raise AssertionError("not called")
-
-    enc = NaNEncoder(Honest())
-    assert enc.error_feedback is True
+    enc = NaNEncoder(DeviceSettings(id="d"))
     tensors = enc.tensors({"w": np.ones((2, 3), np.float32)}, 0)
-    update = Update(sender="d", seq=0, round=0, base=0, n=1, tensors=tensors)  # type: ignore[arg-type]
+    update = Update(sender="d", seq=0, round=0, base=0, n=1, tensors=tensors)
     from edgefl.wire import Rejected
 
     with pytest.raises(Rejected, match="nonfinite"):
@@ -129,8 +122,7 @@ def test_the_nan_encoder_sends_float32_nans_that_the_codec_rejects() -> None:
 def test_the_outbox_counts_buffered_updates_and_late_deliveries(tmp_path: Path) -> None:
     tally = DeviceTally("d", "g", "c")
     online = [False]
-    with Outbox(tmp_path / "o.db") as inner:
-        box = CountingOutbox(inner, tally, lambda: online[0])
+    with CountingOutbox(tmp_path / "o.db", tally, lambda: online[0]) as box:
         first, _ = box.put_with_seq("d", "t", lambda seq: b"x" * 100)  # offline: buffered
         online[0] = True
         second, _ = box.put_with_seq("d", "t", lambda seq: b"y" * 50)  # sent at once
