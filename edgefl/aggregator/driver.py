@@ -23,7 +23,7 @@ from ..transport import LOST
 from ..wire import Announcement, MetricValue, Reason, Rejected, encode_announcement
 from .fold import FoldStats
 from .parent import PendingSync
-from .report import round_story
+from .records import round_story
 from .rounds import CloseReason, Round, apply_delta
 from .selection import select
 

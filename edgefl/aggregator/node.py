@@ -41,7 +41,7 @@ from .journal import Journal, Key, replay
 from .parent import ParentLink
 from .persist import resume, snapshot, unsettled
 from .receive import ReceivePath
-from .report import evaluation_fields, round_fields
+from .records import evaluation_fields, round_fields
 from .retained import Downlink
 from .rounds import Round
 from .selection import Children

@@ -35,7 +35,7 @@ from .delivery import Uploader
 from .energy import EnergyAccount
 from .inference import Endpoint, Inference, Prediction
 from .policy import policy_of, selected
-from .report import device_status, finite, profile_fields, status_key
+from .records import device_status, finite, profile_fields, status_key
 from .rounds import PROGRESS_KEY, Rounds
 from .update import Progress, UpdateEncoder
 

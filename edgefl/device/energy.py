@@ -14,7 +14,7 @@ from ..config import EnergySettings
 from ..outbox import DiskFull, Outbox
 from ..profiles import Usage, power_model
 from ..wire import MetricValue
-from .report import energy_fields
+from .records import energy_fields
 
 log = logging.getLogger(__name__)
 

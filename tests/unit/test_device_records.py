@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from edgefl.device.report import device_status, finite, profile_fields, status_key
+from edgefl.device.records import device_status, finite, profile_fields, status_key
 from edgefl.profiles import Decision, Reading
 from edgefl.wire import Status
 
