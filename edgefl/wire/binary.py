@@ -101,16 +101,7 @@ def decode_update(
     the aggregator's job; ``check=False`` leaves ``check_tensors`` to it as well,
     so that it may first know who sent the update.
     """
-    if len(data) > max_bytes:
-        raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
-    try:
-        update = _UPDATE_DECODER.decode(data)
-    except msgspec.ValidationError as exc:
-        raise Rejected(Reason.MALFORMED, str(exc)[:200]) from None
-    except Exception as exc:  # DecodeError, but also UnicodeDecodeError and others on garbage
-        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
-    if update.v != SCHEMA_VERSION:
-        raise Rejected(Reason.MALFORMED, f"schema version {update.v!r}")
+    update = _decoded(_UPDATE_DECODER, data, max_bytes)
     if check:
         check_tensors(update, spec)
     return update
@@ -201,16 +192,7 @@ def decode_delta(
     data: bytes, spec: Spec | None = None, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> Delta:
     """Parse and check a Delta (sizes, finiteness, and names and shapes against ``spec``)."""
-    if len(data) > max_bytes:
-        raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
-    try:
-        delta = _DELTA_DECODER.decode(data)
-    except msgspec.ValidationError as exc:
-        raise Rejected(Reason.MALFORMED, str(exc)[:200]) from None
-    except Exception as exc:  # DecodeError, but also UnicodeDecodeError and others on garbage
-        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
-    if delta.v != SCHEMA_VERSION:
-        raise Rejected(Reason.MALFORMED, f"schema version {delta.v!r}")
+    delta = _decoded(_DELTA_DECODER, data, max_bytes)
     if delta.version <= delta.base:
         raise Rejected(Reason.VERSION, f"delta from v{delta.base} to v{delta.version}")
     check_tensors(delta, spec)
@@ -234,3 +216,21 @@ def model_params(model: Model) -> Params:
         .reshape(t.shape)
         for t in model.tensors
     }
+
+
+_S = TypeVar("_S", Update, Delta)
+
+
+def _decoded(decoder: msgspec.msgpack.Decoder[_S], data: bytes, max_bytes: int) -> _S:
+    """A msgspec Struct from untrusted bytes (size first, then schema and version)."""
+    if len(data) > max_bytes:
+        raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
+    try:
+        found = decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise Rejected(Reason.MALFORMED, str(exc)[:200]) from None
+    except Exception as exc:  # DecodeError, but also UnicodeDecodeError and others on garbage
+        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+    if found.v != SCHEMA_VERSION:
+        raise Rejected(Reason.MALFORMED, f"schema version {found.v!r}")
+    return found
