@@ -45,6 +45,3 @@ class ErrorFeedback:
         tensors = encode_params(compensated, codec, fraction=fraction, rng=rng)
         self.record(compensated, decode_params(tensors))
         return tensors
-
-    def reset(self) -> None:
-        self.residual = {}

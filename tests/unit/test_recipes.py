@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edgefl import credentials
+from edgefl import acl, credentials
 from edgefl.config import AggregatorSettings, DeviceSettings
 from edgefl.signing import generate_key_pair, load_private_key, public_hex
 from edgefl.topics import Topics
@@ -126,13 +126,13 @@ def _acl_blocks(text: str) -> dict[str, str]:
 
 def test_shipped_acl_is_what_edgefl_credentials_writes() -> None:
     text = (REPO / "cloud" / "acl").read_text()
-    users = credentials.acl_users(text)
+    users = acl.acl_users(text)
     assert users == {"cloud": "cloud", "monitor": "monitor"}
     blocks = _acl_blocks(text)
     for node_id, role in users.items():
-        block = credentials.acl_block(role, node_id)
+        block = acl.acl_block(role, node_id)
         assert blocks[node_id] == block
-        assert credentials.upsert_acl(text, node_id, block) == text
+        assert acl.upsert_acl(text, node_id, block) == text
 
 
 def _writes(rules: list[str]) -> set[str]:
@@ -144,12 +144,12 @@ def _reads(rules: list[str]) -> set[str]:
 
 
 def test_each_role_writes_only_its_own_topics() -> None:
-    device = credentials.acl_rules("device", "dev-7", parent="gw-1")
+    device = acl.acl_rules("device", "dev-7", parent="gw-1")
     assert _writes(device) == {
         T.update("gw-1", "dev-7"), T.status("gw-1", "dev-7"), T.metrics("device", "dev-7"),
     }  # fmt: skip
     assert _reads(device) == set(T.downlink("gw-1"))
-    gateway = credentials.acl_rules("gateway", "gw-2")
+    gateway = acl.acl_rules("gateway", "gw-2")
     assert _writes(gateway) == {
         *T.downlink("gw-2"), T.update("cloud", "gw-2"), T.status("cloud", "gw-2"),
         T.metrics("gateway", "gw-2"),
@@ -157,23 +157,23 @@ def test_each_role_writes_only_its_own_topics() -> None:
     assert _reads(gateway) == {
         T.updates_of("gw-2"), T.statuses_of("gw-2"), *T.downlink("cloud"),
     }  # fmt: skip
-    regional = credentials.acl_rules("gateway", "gw-3", parent="eu", prefix="fl")
+    regional = acl.acl_rules("gateway", "gw-3", parent="eu", prefix="fl")
     assert "topic write fl/eu/update/gw-3" in regional
-    monitor = credentials.acl_rules("monitor", "grafana")
+    monitor = acl.acl_rules("monitor", "grafana")
     assert _writes(monitor) == set()
     assert _reads(monitor) == {T.all_metrics(), "edgefl/+/status/#"}
 
 
 def test_adding_a_user_again_replaces_its_block_and_keeps_the_others() -> None:
-    first = credentials.acl_block("device", "dev-1", parent="gw-9")
-    text = credentials.upsert_acl("", "dev-1", first)
-    text = credentials.upsert_acl(text, "gw-1", credentials.acl_block("gateway", "gw-1"))
-    pinned = credentials.acl_block("device", "dev-1", parent="gw-1")
-    again = credentials.upsert_acl(text, "dev-1", pinned)
-    assert credentials.acl_users(again) == {"dev-1": "device", "gw-1": "gateway"}
+    first = acl.acl_block("device", "dev-1", parent="gw-9")
+    text = acl.upsert_acl("", "dev-1", first)
+    text = acl.upsert_acl(text, "gw-1", acl.acl_block("gateway", "gw-1"))
+    pinned = acl.acl_block("device", "dev-1", parent="gw-1")
+    again = acl.upsert_acl(text, "dev-1", pinned)
+    assert acl.acl_users(again) == {"dev-1": "device", "gw-1": "gateway"}
     assert "topic write edgefl/gw-1/update/dev-1" in again
     assert "topic write edgefl/gw-9/update/dev-1" not in again
-    assert again.startswith(credentials.ACL_HEADER.splitlines()[0])
+    assert again.startswith(acl.ACL_HEADER.splitlines()[0])
     assert "\n\n\n" not in again
 
 
@@ -264,7 +264,7 @@ def test_a_device_without_a_parent_is_refused_in_one_line_with_exit_2(
     assert "\n" not in err and "--parent" in err, err
     assert not (tmp_path / "passwd").exists() and not (tmp_path / "acl").exists()
     with pytest.raises(credentials.CredentialsError, match="--parent"):
-        credentials.acl_rules("device", "dev-7")
+        acl.acl_rules("device", "dev-7")
 
 
 def test_a_device_is_not_pinned_under_a_node_that_is_not_a_gateway(
@@ -276,7 +276,7 @@ def test_a_device_is_not_pinned_under_a_node_that_is_not_a_gateway(
     for parent in ("cloud", "dev-1"):
         with pytest.raises(credentials.CredentialsError, match="not a gateway"):
             _add(tmp_path, "device", "dev-7", parent)
-    assert "dev-7" not in credentials.acl_users((tmp_path / "acl").read_text())
+    assert "dev-7" not in acl.acl_users((tmp_path / "acl").read_text())
 
 
 def test_gateways_and_the_cloud_keep_a_model_key_and_children_are_told_its_public_half(
