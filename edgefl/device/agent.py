@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import threading
@@ -24,12 +23,12 @@ from ..fetch import ModelFeed
 from ..outbox import Outbox
 from ..profiles import Decision, Reading, UplinkEstimator
 from ..signing import load_public_key, warn_unsigned
-from ..supervise import bounded, first_completed, wait_event
+from ..supervise import first_completed, wait_event
 from ..tasks import DeviceData, Task, load_task, set_torch_threads
 from ..tasks.training import accepts_should_stop
-from ..telemetry import ByteMeter, Telemetry, last_will
+from ..telemetry import ByteMeter, Telemetry
 from ..topics import Topics
-from ..transport import LOST, AnyTransport, Message, Transport, TransportFactory
+from ..transport import LOST, AnyTransport, Message, TransportFactory
 from ..wire import Announcement, MetricValue, Status
 from .delivery import Uploader
 from .energy import EnergyAccount
@@ -37,18 +36,13 @@ from .inference import Endpoint, Inference, Prediction
 from .policy import policy_of, selected
 from .records import device_status, finite, profile_fields, status_key
 from .rounds import PROGRESS_KEY, Rounds
+from .session import link
 from .update import Progress, UpdateEncoder
 
 log = logging.getLogger(__name__)
 
-#: The outbox state key of the rounds trained and their joules.
-
-#: How long a clean stop waits to publish ``online: false``.
-GOODBYE_TIMEOUT_S = 2.0
 #: The profile is re-read this often; Status goes out on change or every heartbeat.
 STATUS_POLL_S = 5.0
-#: How often an injected ``online()`` is asked while the agent waits for it to change.
-LINK_POLL_S = 0.25
 #: How often the outbox is looked at for updates whose receipt is late.
 RESEND_POLL_S = 5.0
 
@@ -217,7 +211,7 @@ class DeviceAgent:
         """Serve until cancelled: the session, rounds, status heartbeats and outbox flushes."""
         self._box()
         await first_completed(
-            self._link(),
+            link(self),
             self.rounds.run(),
             self._heartbeat(),
             self._flusher(),
@@ -225,51 +219,6 @@ class DeviceAgent:
         )
 
     # ---------------------------------------------------------- MQTT session
-    async def _link(self) -> None:
-        online = self._online
-        if online is None:
-            await self._session()
-            return
-        while True:
-            await _until(online, True)
-            await first_completed(self._session(), _until(online, False))
-
-    async def _session(self) -> None:
-        s = self.settings
-        will = last_will(self.topics, s.gateway, self.id, "device")
-        make = self._transport or functools.partial(Transport, s.mqtt)
-        transport = make(self.id, will=will, on_connect=self._on_connect)
-        transport.meter = self.meter
-        self.feed.subscribed = set()
-        await self.feed.refresh(transport, None)
-        telemetry = Telemetry(
-            transport,
-            self.topics,
-            role="device",
-            sender=self.id,
-            parent=s.gateway,
-            metrics=s.metrics,
-        )
-        async with transport:
-            self.transport, self.telemetry = transport, telemetry
-            try:
-                async for message in transport.messages():
-                    self._on_message(message)
-                    await self.fetch()
-            finally:
-                self.transport = None
-                if self._online is None or self._online():  # a stop, not a lost link
-                    with contextlib.suppress(*LOST):
-                        await bounded(telemetry.offline(), GOODBYE_TIMEOUT_S)
-                else:
-                    # A simulated link loss ends the session cleanly, so the broker
-                    # would not fire our will: publish it as the broker would have.
-                    with contextlib.suppress(*LOST):
-                        await bounded(
-                            transport.publish(will.topic, will.payload, retain=True),
-                            GOODBYE_TIMEOUT_S,
-                        )
-
     async def _on_connect(self) -> None:
         self.last_status = None  # a restarted broker lost our retained status
         self.uploader.new_session()  # and maybe the updates it acknowledged: send them again
@@ -403,11 +352,6 @@ class DeviceAgent:
         ``BadInput`` for rows that do not fit. Thread-safe.
         """
         return self.inference.predict(x)
-
-
-async def _until(online: Callable[[], bool], wanted: bool) -> None:
-    while online() != wanted:
-        await asyncio.sleep(LINK_POLL_S)
 
 
 async def serve_device(settings: DeviceSettings) -> None:
