@@ -126,7 +126,7 @@ def test_the_first_two_commands_run_with_or_without_sudo(
         f"{prefix} update",
         f"{prefix} install -y python3-venv mosquitto" + " mosquitto-clients" * which,
     ]
-    assert calls[-1] == ("python -m pytest -q" if which else "edgefl simulate")
+    assert calls[-1] == ("python -m pytest -q -n 2" if which else "edgefl simulate")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(REPO).as_posix())
