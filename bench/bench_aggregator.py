@@ -124,13 +124,13 @@ async def drain_gateway(broker: str, gateway: str, updates: int, state: str) -> 
     settings = _settings(broker, gateway, updates, state)
     set_torch_threads(settings.torch_threads)  # as `edgefl gateway` does
     async with Aggregator(settings, BenchTask()) as node:
-        admit = node.receive.ahead.admit  # instrumented: the wall time of the first and last fold
+        on_update = node.receive.on_update  # instrumented: the wall time of the first and last fold
 
-        def timed(sender: str, payload: bytes, found: Any, spent: float) -> None:
-            admit(sender, payload, found, spent)
+        def timed(sender: str, payload: bytes) -> None:
+            on_update(sender, payload)
             times.append(time.perf_counter())
 
-        node.receive.ahead.admit = timed
+        node.receive.on_update = timed  # type: ignore[method-assign]
         await asyncio.wait_for(node.run(), 600)
         folded = node.aggregations and node.last_metrics.get("updates")
         rejected = sum(node.rejected.counts.values())

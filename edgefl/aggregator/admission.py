@@ -58,9 +58,10 @@ class Admitted:
 
 @dataclass(frozen=True)
 class Inspected:
-    """What the checks that need nothing but the bytes found: decode, signature, content
-    and norm. Done ahead of ``admit``, in a worker thread, which then raises what they
-    found in the order of the rejection list; a failed check skips the later ones."""
+    """What the checks that need nothing but the bytes and the settings found: decode,
+    signature, content and norm (pure: they could run off the event loop). ``admit``
+    raises what they found in the order of the rejection list; a failed check skips
+    the later ones."""
 
     update: Update | None
     decode: Rejected | None = None

@@ -191,7 +191,6 @@ class Driver:
         a version the node could forget in a crash, and receipts name only saved work.
         """
         node = self.node
-        node.receive.ahead.flush()  # what has arrived belongs to this round
         rnd, s, link = node.round, node.settings, node.link
         node.children.round_closed(
             rnd.pool(node.children.online_eligible, node.children.online)

@@ -237,7 +237,6 @@ class Aggregator:
                     await bounded(self.telemetry.offline(), GOODBYE_TIMEOUT_S)
         finally:
             await self.transport.close()
-            await asyncio.to_thread(self.receive.ahead.close)
             if self.link is not None:
                 self.link.close()
             if self.journal is not None:  # its entries stay: the next start replays them
