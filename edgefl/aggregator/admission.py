@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .. import codecs
-from ..codecs import Scratch
 from ..codecs.topk import kept
 from ..config import AggregatorSettings
 from ..fedavg import StalenessKind, staleness_weight
@@ -47,28 +46,11 @@ FOLD_NORM_LIMIT = 1e15
 
 @dataclass(frozen=True)
 class Admitted:
-    """An update that passed every check, its sample count as capped, and its norm;
-    ``scratch``: what measuring it decoded, for a fold right after (None: the fold's own)."""
+    """An update that passed every check, its sample count as capped, and its norm."""
 
     update: Update
     samples: int
     norm: float
-    scratch: Scratch | None = None
-
-
-@dataclass(frozen=True)
-class Inspected:
-    """What the checks that need nothing but the bytes and the settings found: decode,
-    signature, content and norm (pure: they could run off the event loop). ``admit``
-    raises what they found in the order of the rejection list; a failed check skips
-    the later ones."""
-
-    update: Update | None
-    decode: Rejected | None = None
-    signature: Rejected | None = None
-    content: Rejected | None = None
-    norm: float = 0.0
-    scratch: Scratch | None = None
 
 
 class UpdateGate:
@@ -154,37 +136,9 @@ class UpdateGate:
             raise Rejected(Reason.STALE, f"base {admitted.update.base} at version {version}")
         return admitted.samples * self._weights[staleness]
 
-    def inspect(
-        self,
-        payload: bytes,
-        topic_sender: str,
-        measure: Callable[[Sequence[QTensor]], float] | None = None,
-        scratch: Scratch | None = None,
-    ) -> Inspected:
-        """The checks of ``admit`` that read only the bytes and the settings; safe in
-        a worker thread. An update from another id than its topic's, or off the
-        allow-list, is decoded and no more: ``admit`` refuses it as unknown_sender."""
-        try:
-            update = decode_update(payload, max_bytes=self.max_bytes, check=False)
-        except Rejected as exc:
-            return Inspected(None, decode=exc)
-        if update.sender != topic_sender or (
-            self.allowed is not None and update.sender not in self.allowed
-        ):  # refused by admit's sender check first; this only keeps it from passing
-            return Inspected(update, signature=Rejected(Reason.UNKNOWN_SENDER, "not checked"))
-        try:
-            self._check_signature(update)
-        except Rejected as exc:
-            return Inspected(update, signature=exc)
-        try:
-            norm = self._check_content(update, measure)
-        except Rejected as exc:
-            return Inspected(update, content=exc)
-        return Inspected(update, norm=norm, scratch=scratch)
-
     def admit(
         self,
-        payload: bytes | Inspected,
+        payload: bytes,
         topic_sender: str,
         version: int,
         known: Callable[[str], bool] = lambda _: True,
@@ -196,17 +150,9 @@ class UpdateGate:
     ) -> Admitted:
         """Check one update received on ``.../update/{topic_sender}`` at model ``version``.
 
-        ``payload`` is the raw bytes, or what ``inspect`` found in them. ``bound`` caps a
-        sender's sample count, ``measure`` gives a delta's norm (when inspecting here) and
+        ``bound`` caps a sender's sample count, ``measure`` gives a delta's norm and
         ``absurd`` is the norm above which a delta is refused rather than clipped."""
-        found = (
-            payload
-            if isinstance(payload, Inspected)
-            else self.inspect(payload, topic_sender, measure)
-        )
-        if found.update is None:
-            raise found.decode or Rejected(Reason.MALFORMED, "not an update")
-        update = found.update
+        update = decode_update(payload, max_bytes=self.max_bytes, check=False)
         sender = update.sender
         if sender != topic_sender:
             raise Rejected(
@@ -214,8 +160,7 @@ class UpdateGate:
             )
         if not (sender in self.allowed if self.allowed is not None else known(sender)):
             raise Rejected(Reason.UNKNOWN_SENDER, f"{sender!r} is not a known child")
-        if found.signature is not None:
-            raise found.signature
+        self._check_signature(update)
         self.ledger.note_low(sender, update.inc, min(update.low, update.seq))
         if self.ledger.seen(sender, update.inc, update.seq):
             raise Rejected(Reason.DUPLICATE, f"seq {update.seq} (inc {update.inc}) again")
@@ -231,10 +176,7 @@ class UpdateGate:
                 Reason.STALE, f"base {update.base} at version {version} (max {self.max_staleness})"
             )
         try:
-            if found.content is not None:
-                raise found.content
-            if not found.norm <= absurd:
-                raise Rejected(Reason.NORM, f"norm {found.norm:.4g} > {absurd:.4g}, absurd")
+            norm = self._check_content(update, measure, absurd)
         except Rejected as exc:
             # Broken for good, from its (authenticated) sender: settled, so that its
             # receipt lets the child forget it instead of resending it for ever. Not a
@@ -244,10 +186,13 @@ class UpdateGate:
             self.refused = (sender, update.inc, update.seq)
             raise
         self.ledger.take(sender, update.inc, update.seq)
-        return Admitted(update, max(1, min(update.n, bound(sender))), found.norm, found.scratch)
+        return Admitted(update, max(1, min(update.n, bound(sender))), norm)
 
     def _check_content(
-        self, update: Update, measure: Callable[[Sequence[QTensor]], float] | None
+        self,
+        update: Update,
+        measure: Callable[[Sequence[QTensor]], float] | None,
+        absurd: float,
     ) -> float:
         """Sizes, shapes, finite values and the norm; returns the norm."""
         for t in update.tensors:
@@ -263,6 +208,8 @@ class UpdateGate:
             raise Rejected(Reason.NONFINITE, f"norm {norm:.3g} would overflow the fold")
         if self.max_norm is not None and not norm <= self.max_norm:
             raise Rejected(Reason.NORM, f"norm {norm:.4g} > {self.max_norm:.4g}")
+        if not norm <= absurd:
+            raise Rejected(Reason.NORM, f"norm {norm:.4g} > {absurd:.4g}, absurd")
         return norm
 
     def _check_signature(self, update: Update) -> None:

@@ -122,9 +122,9 @@ class RoundFold:
         scratch for an ``add`` next."""
         return math.sqrt(codecs.squared_norm(tensors, self._scratch))
 
-    def add(self, c: Contribution, *, fresh: bool = True, scratch: Scratch | None = None) -> None:
-        """Take one admitted update with its (finite) norm; ``fresh``: it was just
-        measured, so what it decoded is still in ``scratch`` (None: this fold's own)."""
+    def add(self, c: Contribution, *, fresh: bool = True) -> None:
+        """Take one admitted update with its (finite) norm; ``fresh``: ``measure`` was just
+        called on it, so what it decoded is still in the scratch."""
         self.count += 1
         self._contributions.append((c.weight, c.samples))
         self._weights.append(c.weight)
@@ -134,7 +134,7 @@ class RoundFold:
             return
         bound = self._bound()
         if bound is not None and c.weight <= self._floor:
-            self._fold(c, c.weight, bound, (scratch or self._scratch) if fresh else None)
+            self._fold(c, c.weight, bound, self._scratch if fresh else None)
             self._floor += self.max_share * c.weight
             return
         self._held.append(c)

@@ -109,9 +109,7 @@ class Round:
     def _add(self, sender: str, ok: Admitted, weight: float, *, fresh: bool) -> None:
         update = ok.update
         self.fold.add(
-            Contribution(sender, update.tensors, weight, ok.norm, ok.samples),
-            fresh=fresh,
-            scratch=ok.scratch,
+            Contribution(sender, update.tensors, weight, ok.norm, ok.samples), fresh=fresh
         )
         self.senders.add(sender)
         self.taken.append((sender, update.inc, update.seq))
