@@ -27,10 +27,8 @@ _BLOCK_START = "# edgefl "
 _BLOCK_RE = re.compile(r"^# edgefl (?P<role>\w+) (?P<id>[A-Za-z0-9_-]{1,64})$")
 
 
-
 class CredentialsError(EdgeflError):
     """A request that cannot be carried out; the message is one line for the user."""
-
 
 
 def acl_rules(

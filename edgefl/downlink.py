@@ -73,7 +73,6 @@ class Shared:
             sender=self.sender, version=version, base=base, tensors=tensors, dtype=self.dtype
         )
 
-
     def to_extra(self) -> dict[str, object] | None:
         """What a checkpoint keeps, so that a restarted node publishes the same bits
         under the same version (``move`` is deterministic)."""
