@@ -214,7 +214,22 @@ def summarize(
         "energy_wh": sum(energy) if energy else None,
         "energy_model_j": sum(_float(r.get("energy_j")) or 0.0 for r in rows),
         "rejected": dict(sorted(rejected.items())),
+        "cohorts": _cohorts(tallies),
     }
+
+
+def _cohorts(tallies: list[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per profile cohort: its devices, the updates they sent, and what is still waiting."""
+    out: dict[str, dict[str, int]] = {}
+    for t in tallies:
+        c = out.setdefault(
+            str(t.get("cohort")), {"devices": 0, "updates_sent": 0, "pending": 0, "dropped": 0}
+        )
+        c["devices"] += 1
+        c["updates_sent"] += _int(t.get("updates"))
+        c["pending"] += _int(t.get("pending"))
+        c["dropped"] += _int(t.get("dropped"))
+    return dict(sorted(out.items()))
 
 
 def _int(value: Any) -> int:

@@ -113,13 +113,22 @@ def test_flaky_devices_deliver_buffered_updates_late_and_once(tmp_path: Path) ->
 
 def test_guards_keep_adversarial_devices_from_hurting_accuracy(tmp_path: Path) -> None:
     _, s = simulate("adversarial", "--out", str(tmp_path))
-    # One scaler and one NaN sender, one update per gateway round each (16 rounds): a
+    # One scaler and one NaN sender, one update per round of their gateway each: a
     # 50x-scaled delta is clipped while no recent norms are known, refused as absurd
     # after; every NaN one is refused.
     assert s["clipped"] + s["rejected"].get("norm", 0) >= 12
-    assert s["rejected"].get("norm", 0) >= 8
-    # (on a loaded machine the NaN sender misses a few rounds' deadlines)
-    assert 8 <= s["rejected"]["nonfinite"] <= 16
+    # Most of the scaler's updates are refused as absurd: all but the first one or two
+    # (clipped) and those that arrive stale, however many a loaded machine let it send.
+    scaler = s["cohorts"]["scalers"]
+    assert scaler["devices"] == 1 and scaler["updates_sent"] >= 4
+    assert s["rejected"].get("norm", 0) >= scaler["updates_sent"] // 2
+    # Every NaN update that reached its gateway is refused, each once: a gateway runs on
+    # without waiting for a slow cloud, so the count is bounded by what the NaN sender
+    # sent, not by a round count (on a loaded machine it misses a few deadlines).
+    nan = s["cohorts"]["poisoners"]
+    assert nan["devices"] == 1 and nan["updates_sent"] >= 4
+    sent = nan["updates_sent"] - nan["dropped"]
+    assert sent // 2 <= s["rejected"]["nonfinite"] <= sent
     # default.toml, the same fleet without attackers (and quorum 1), ends at 0.92-0.93
     # after 8 rounds; with quorum 0.8 and timing-dependent stragglers this one ends
     # between 0.90 and 0.93 over runs.

@@ -111,8 +111,9 @@ def test_cumulative_rejection_counters_become_per_round_differences() -> None:
 def test_the_summary_is_the_sum_of_the_rows() -> None:
     h = feed_two_rounds()
     tallies = [
-        {"updates": 5, "buffered": 2, "late": 1, "pending": 1, "energy_wh": 0.5},
-        {"updates": 3, "buffered": 0, "late": 0, "pending": 0, "energy_wh": None},
+        {"cohort": "a", "updates": 5, "buffered": 2, "late": 1, "pending": 1, "energy_wh": 0.5},
+        {"cohort": "b", "updates": 3, "buffered": 0, "late": 0, "pending": 0, "energy_wh": None},
+        {"cohort": "a", "updates": 2, "dropped": 1},
     ]
     s = summarize(h.rows, tallies, float32_update_bytes=2000, scenario="x")
     assert s["scenario"] == "x"
@@ -123,7 +124,11 @@ def test_the_summary_is_the_sum_of_the_rows() -> None:
     assert s["bytes_per_update"] == s["bytes_up_device"] / s["device_updates"]
     assert s["compression_ratio"] == pytest.approx(2000 / s["bytes_per_update"])
     assert s["participation"] == pytest.approx((1.0 + 0.8) / 2)
-    assert (s["updates_sent"], s["updates_buffered"], s["updates_late"]) == (8, 2, 1)
+    assert (s["updates_sent"], s["updates_buffered"], s["updates_late"]) == (10, 2, 1)
+    assert s["cohorts"] == {
+        "a": {"devices": 2, "updates_sent": 7, "pending": 1, "dropped": 1},
+        "b": {"devices": 1, "updates_sent": 3, "pending": 0, "dropped": 0},
+    }
     assert s["energy_wh"] == 0.5
     assert s["rejected"] == {"norm": 5, "stale": 1}
 
