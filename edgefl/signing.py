@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any, TypeVar
 
-import msgpack
 import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .config import ConfigError
-from .wire import Announcement, Delta, Model, Reason, Rejected
+from .wire import Announcement, Delta, Model, Reason, Rejected, pack_map
 
 #: What a node signs for its children.
 Signed = TypeVar("Signed", Model, Announcement, Delta)
@@ -71,7 +70,7 @@ def signed_body(message: Model | Announcement | Delta) -> bytes:
         fields.pop("sig", None)
     else:
         fields = message.model_dump(exclude={"sig"})
-    return msgpack.packb(_canonical(fields), use_bin_type=True)
+    return pack_map(_canonical(fields))
 
 
 def sign_model(message: Signed, private: Ed25519PrivateKey) -> Signed:

@@ -1,6 +1,7 @@
-"""Binary payloads: Update, Delta (msgspec) and Announcement, Model (msgpack) to bytes and
-back. Decoding untrusted bytes returns a valid object or raises ``Rejected``; sizes are
-checked before parsing. Update signatures (HMAC) are made and checked here.
+"""Binary payloads to bytes and back, all through msgspec's msgpack: Update and Delta
+(msgspec Structs), Announcement and Model (pydantic, from msgpack maps). Decoding
+untrusted bytes returns a valid object or raises ``Rejected``; sizes are checked before
+parsing. Update signatures (HMAC) are made and checked here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
-import msgpack
 import msgspec
 import numpy as np
 from pydantic import ValidationError
@@ -31,30 +31,27 @@ from .schemas import (
 
 # ---------------------------------------------------------------- msgpack codec
 
-_UNPACK_LIMITS = {
-    "max_str_len": 1 << 16,
-    "max_array_len": 1 << 16,
-    "max_map_len": 1 << 12,
-    "max_ext_len": 0,
-}
+_ENCODER = msgspec.msgpack.Encoder()
+_MAP_DECODER = msgspec.msgpack.Decoder(dict[str, Any])
 
 
 def pack_map(obj: Mapping[str, Any]) -> bytes:
-    """A map as msgpack (binary fields as bin)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    """A map as msgpack (bytes as bin, each value in its shortest form)."""
+    return _ENCODER.encode(obj)
 
 
 def unpack_map(data: bytes, max_bytes: int) -> dict[str, Any]:
-    """A msgpack map from untrusted bytes, within size and nesting limits, or ``Rejected``."""
+    """A msgpack map from untrusted bytes, or ``Rejected``.
+
+    The size is checked before parsing; msgspec refuses a length that claims more than
+    the bytes left (no allocation on the claim), nesting deeper than its limit, and
+    extension types (not in ``dict[str, Any]``)."""
     if len(data) > max_bytes:
         raise Rejected(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
     try:
-        obj = msgpack.unpackb(data, raw=False, max_bin_len=max_bytes, **_UNPACK_LIMITS)
-    except Exception as exc:  # msgpack raises a zoo of types on garbage
-        raise Rejected(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
-    if not isinstance(obj, dict):
-        raise Rejected(Reason.MALFORMED, "not a map")
-    return obj
+        return _MAP_DECODER.decode(data)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise Rejected(Reason.MALFORMED, f"not a msgpack map: {str(exc)[:80]}") from None
 
 
 def _signed_body(update: Update) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import msgpack
+import msgspec
 import numpy as np
 import pytest
 from timeouts import within
@@ -68,7 +68,7 @@ async def test_every_rejection_is_counted_once_and_a_valid_update_still_lands(
         assert clean["rejected_total"] == 0
 
         good = make_update("d1", 2, delta_of(2), base=2)
-        nan = msgpack.unpackb(encode_update(make_update("d1", 21, delta_of(2), base=2)))
+        nan = msgspec.msgpack.decode(encode_update(make_update("d1", 21, delta_of(2), base=2)))
         nan["tensors"][0].update(codec="u8", q=bytes(12), lo=float("nan"))
         # Content rejections are settled (receipted): each crafted update has its own seq.
         wrong_shape = make_update("d1", 20, {"w": np.zeros((4, 3), np.float32)}, base=2)
@@ -80,7 +80,7 @@ async def test_every_rejection_is_counted_once_and_a_valid_update_still_lands(
             ("d1", b"\x00 garbage again"),  # counted again, logged once
             ("d1", bytes(5000)),  # oversized
             ("d1", encode_update(wrong_shape)),
-            ("d1", msgpack.packb(nan)),  # NaN lo
+            ("d1", msgspec.msgpack.encode(nan)),  # NaN lo
             ("d1", encode_update(make_update("d1", 1, delta_of(3), base=2))),  # duplicate seq
             ("d1", encode_update(make_update("d1", 7, delta_of(3), base=0))),  # stale base
             ("stranger", encode_update(make_update("stranger", 0, delta_of(3), base=2))),

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import msgpack
+import msgspec
 import numpy as np
 import pytest
 
@@ -122,10 +122,10 @@ async def test_an_overflowing_update_is_rejected_before_it_touches_the_model(
     async with harness(broker.url) as h, running(settings) as node:
         await _register(h, ("d1", "evil"))
         await h.wait_model("cloud", 0)
-        bomb = msgpack.unpackb(encode_update(make_update("evil", 0, _honest(), codec="u8")))
+        bomb = msgspec.msgpack.decode(encode_update(make_update("evil", 0, _honest(), codec="u8")))
         for t in bomb["tensors"]:
             t.update(scale=1.3e36, lo=0.0, q=b"\xff" * len(t["q"]))
-        await h.raw("cloud", "evil", msgpack.packb(bomb))
+        await h.raw("cloud", "evil", msgspec.msgpack.encode(bomb))
         await h.send("cloud", make_update("d1", 0, _honest()))
         m = await h.wait_metrics("cloud", event="round", version=1)
         model = params_of(await h.wait_model("cloud", 1))
@@ -157,9 +157,9 @@ async def test_a_forged_huge_seq_does_not_lock_out_the_real_child(
     async with harness(broker.url) as h, running(_settings(broker, tmp_path)):
         await _register(h, ("d1",))
         await h.wait_model("cloud", 0)
-        over = msgpack.unpackb(encode_update(make_update("d1", 0, _honest())))
+        over = msgspec.msgpack.decode(encode_update(make_update("d1", 0, _honest())))
         over["seq"] = 2**64 - 1
-        await h.raw("cloud", "d1", msgpack.packb(over))  # out of bounds: malformed
+        await h.raw("cloud", "d1", msgspec.msgpack.encode(over))  # out of bounds: malformed
         await h.send("cloud", make_update("d1", 2**53, _honest()))  # forged, admitted once
         await h.wait_model("cloud", 1)
         for seq in (1, 2, 3):  # the real device goes on counting from where it was
@@ -234,7 +234,7 @@ async def test_a_restart_after_an_attack_resumes_the_same_finite_model(
     broker: RunningBroker, tmp_path: Path
 ) -> None:
     settings = _settings(broker, tmp_path, quorum=1.0)
-    bomb = msgpack.unpackb(encode_update(make_update("evil", 0, _honest(), codec="u8")))
+    bomb = msgspec.msgpack.decode(encode_update(make_update("evil", 0, _honest(), codec="u8")))
     for t in bomb["tensors"]:
         t.update(scale=1.3e36, lo=0.0, q=b"\xff" * len(t["q"]))
     async with harness(broker.url) as h:
@@ -242,7 +242,7 @@ async def test_a_restart_after_an_attack_resumes_the_same_finite_model(
             await _register(h, ("d1", "d2", "evil"))
             for r in range(3):
                 await h.wait_model("cloud", r)
-                await h.raw("cloud", "evil", msgpack.packb({**bomb, "seq": 2 * r}))
+                await h.raw("cloud", "evil", msgspec.msgpack.encode({**bomb, "seq": 2 * r}))
                 scaled = {n: 1e6 * a for n, a in _honest().items()}
                 await h.send("cloud", make_update("evil", 2 * r + 1, scaled, base=r))
                 for child in ("d1", "d2"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import msgpack
 import msgspec
 import numpy as np
 import pytest
@@ -63,9 +62,9 @@ def test_every_reason_is_raised_by_its_own_check() -> None:
         _update(seq=10), tensors=encode_params({"w": np.zeros(6)}, "f32")
     )
     assert _reason(gate, encode_update(wrong)) is Reason.SHAPE
-    nan = msgpack.unpackb(encode_update(_update(seq=11)))
+    nan = msgspec.msgpack.decode(encode_update(_update(seq=11)))
     nan["tensors"][0].update(codec="u8", q=bytes(6), lo=float("nan"))
-    assert _reason(gate, msgpack.packb(nan)) is Reason.NONFINITE
+    assert _reason(gate, msgspec.msgpack.encode(nan)) is Reason.NONFINITE
     assert _reason(gate, good, sender="d2") is Reason.UNKNOWN_SENDER  # topic != payload
     gate.admit(good, "d1", 3, measure=_norm)
     assert _reason(gate, good) is Reason.DUPLICATE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-import msgpack
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -64,9 +64,9 @@ def test_a_lost_chunk_expires_and_is_counted() -> None:
 
 def test_a_corrupted_chunk_fails_the_digest() -> None:
     chunks = split(_payload(20_000), 4096)
-    doc = msgpack.unpackb(chunks[2], raw=False)
+    doc = msgspec.msgpack.decode(chunks[2])
     doc["part"] = bytes(len(doc["part"]))
-    chunks[2] = msgpack.packb(doc, use_bin_type=True)
+    chunks[2] = msgspec.msgpack.encode(doc)
     r = Reassembler()
     with pytest.raises(Rejected) as info:
         for c in chunks:

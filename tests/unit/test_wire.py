@@ -3,7 +3,6 @@ from __future__ import annotations
 import contextlib
 import math
 
-import msgpack
 import msgspec
 import numpy as np
 import pytest
@@ -65,9 +64,9 @@ def test_update_size_is_one_byte_per_parameter_plus_headers() -> None:
     ],
 )
 def test_invalid_updates_are_rejected_with_their_reason(mutate: object, reason: Reason) -> None:
-    doc = msgpack.unpackb(wire.encode_update(_update()))
+    doc = msgspec.msgpack.decode(wire.encode_update(_update()))
     mutate(doc)  # type: ignore[operator]
-    assert _reason(msgpack.packb(doc, use_bin_type=True)) is reason
+    assert _reason(msgspec.msgpack.encode(doc)) is reason
 
 
 def test_invalid_utf8_in_a_string_field_is_malformed() -> None:
@@ -75,11 +74,11 @@ def test_invalid_utf8_in_a_string_field_is_malformed() -> None:
 
 
 def test_more_tensors_or_metrics_than_the_limits_are_malformed() -> None:
-    doc = msgpack.unpackb(wire.encode_update(_update()))
+    doc = msgspec.msgpack.decode(wire.encode_update(_update()))
     many_metrics = {**doc, "metrics": {f"m{i}": 0.0 for i in range(4097)}}
-    assert _reason(msgpack.packb(many_metrics, use_bin_type=True)) is Reason.MALFORMED
+    assert _reason(msgspec.msgpack.encode(many_metrics)) is Reason.MALFORMED
     many_tensors = {**doc, "tensors": doc["tensors"] * 32769}
-    assert _reason(msgpack.packb(many_tensors, use_bin_type=True)) is Reason.MALFORMED
+    assert _reason(msgspec.msgpack.encode(many_tensors)) is Reason.MALFORMED
 
 
 def test_oversized_payload_is_rejected_before_parsing() -> None:
@@ -108,7 +107,7 @@ def test_arbitrary_bytes_only_ever_raise_update_rejected(data: bytes) -> None:
 )
 @settings(max_examples=200, deadline=None)
 def test_arbitrary_maps_only_ever_raise_update_rejected(doc: dict[str, object]) -> None:
-    data = msgpack.packb({"v": 1, **doc}, use_bin_type=True)
+    data = msgspec.msgpack.encode({"v": 1, **doc})
     with contextlib.suppress(Rejected):
         wire.decode_update(data, SPEC)
 
@@ -155,18 +154,15 @@ def test_announcement_round_trip_keeps_every_field() -> None:
 
 
 def test_a_model_with_the_old_round_fields_is_malformed() -> None:
-    doc = msgpack.unpackb(_model_doc([]), raw=False)
+    doc = msgspec.msgpack.decode(_model_doc([]))
     for old in ({"round": 1}, {"receipts": {}}, {"deadline": 1.0}):
         with pytest.raises(Rejected) as info:
-            wire.decode_model(msgpack.packb({**doc, **old}, use_bin_type=True))
+            wire.decode_model(msgspec.msgpack.encode({**doc, **old}))
         assert info.value.reason is Reason.MALFORMED
 
 
 def _model_doc(tensors: list[dict[str, object]]) -> bytes:
-    return msgpack.packb(
-        {"v": 1, "sender": "gw-1", "version": 1, "tensors": tensors},
-        use_bin_type=True,
-    )
+    return msgspec.msgpack.encode({"v": 1, "sender": "gw-1", "version": 1, "tensors": tensors})
 
 
 @pytest.mark.parametrize("shape", [[-1, -4], [-2, -2], [1] * 9])
@@ -204,8 +200,8 @@ def test_a_model_decodes_to_usable_params_or_is_rejected(
         {"name": f"t{i}", "shape": shape, "dtype": "f32", "data": b"\0" * (4 * width)}
         for i, (shape, width) in enumerate(zip(shapes, widths, strict=False))
     ]
-    doc = msgpack.unpackb(_model_doc(tensors), raw=False)
-    data = msgpack.packb({**doc, **extra}, use_bin_type=True)
+    doc = msgspec.msgpack.decode(_model_doc(tensors))
+    data = msgspec.msgpack.encode({**doc, **extra})
     try:
         model = wire.decode_model(data)
     except Rejected:
