@@ -320,6 +320,11 @@ class AggregatorSettings(_RoleSettings):
     downlink_dtype: Literal["f32", "f16"] = Field(
         "f32", description="precision the published model is held in (f16: half the whole model)"
     )
+    whole_model: Literal["exact", "u8"] = Field(
+        "exact",
+        description="the whole model for children that lack the version before: exact (as "
+        "held) or u8 (a quarter of f32; such a child holds it within half a step per value)",
+    )
     downlink_codec: str = Field(
         "u8", max_length=16, description="codec of each new version's delta to the children"
     )

@@ -6,12 +6,24 @@ Pure numpy: never imports asyncio, MQTT or torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import Reason, Rejected
+
 LEVELS = 255
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_range(name: str, lo: float, scale: float, levels: int = LEVELS) -> None:
+    """Of untrusted ``lo`` and ``scale``: both finite, ``scale >= 0``, and
+    ``lo + levels * scale`` a finite float32; else ``Rejected(nonfinite)``."""
+    if not (math.isfinite(lo) and math.isfinite(scale)) or scale < 0:
+        raise Rejected(Reason.NONFINITE, f"{name}: lo={lo} scale={scale}")
+    if abs(lo) > FLOAT32_MAX or abs(lo + levels * scale) > FLOAT32_MAX:
+        raise Rejected(Reason.NONFINITE, f"{name}: lo + scale*q overflows float32")
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,7 @@ class Aggregator:
                 settings.downlink_codec,
                 settings.downlink_fraction,
             ),
+            settings.whole_model,
         )
         self.feed: ModelFeed | None = None
         if self.parent is not None:

@@ -11,6 +11,7 @@ chunk sub-topics when it travels whole. It never lowers the mark.
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -84,11 +85,14 @@ class Downlink:
         node: str,
         max_message_bytes: int,
         shared: Shared,
+        whole: Literal["exact", "u8"] = "exact",
     ) -> None:
         self.transport = transport
         self.topics = topics
         self.node = node
         self.shared = shared
+        #: the whole model as held (bit-identical), or in uint8 (a quarter of float32)
+        self.whole = whole
         self.model = RetainedModel(transport, topics.model(node), max_message_bytes)
         #: the version published in full (delta and whole model); None: none yet
         self.version: int | None = None
@@ -106,9 +110,8 @@ class Downlink:
             delta = self.shared.move(params, version)
             held = self.shared.held
             assert held is not None
-            model = Model(
-                sender=self.node, version=version, tensors=model_tensors(held, self.shared.dtype)
-            )
+            dtype = self.shared.dtype if self.whole == "exact" else "u8"
+            model = Model(sender=self.node, version=version, tensors=model_tensors(held, dtype))
             if key is not None:
                 model = sign_model(model, key)
                 delta = sign_model(delta, key) if delta is not None else None

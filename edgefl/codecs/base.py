@@ -13,13 +13,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from ..errors import Reason, Rejected
+from .. import quant
 from ..wire import QTensor
 
 #: Below this many values numpy's smaller per-call overhead beats torch's fused kernel.
 TORCH_FOLD_MIN = 8192
-#: Largest finite float32: decoded values must stay below it.
-F32_MAX = float(np.finfo(np.float32).max)
 
 #: A tensor's slot in the streaming accumulator: flat float32 values and a torch view.
 Block = tuple[np.ndarray, torch.Tensor]
@@ -110,11 +108,7 @@ def count_of(t: QTensor) -> int:
 
 def check_range(t: QTensor, levels: int) -> None:
     """``lo`` and ``scale >= 0`` finite, and ``lo + levels*scale`` a finite float32."""
-    lo, scale = t.lo, t.scale
-    if not (math.isfinite(lo) and math.isfinite(scale)) or scale < 0:
-        raise Rejected(Reason.NONFINITE, f"{t.name}: lo={lo} scale={scale}")
-    if abs(lo) > F32_MAX or abs(lo + levels * scale) > F32_MAX:
-        raise Rejected(Reason.NONFINITE, f"{t.name}: lo + scale*q overflows float32")
+    quant.check_range(t.name, t.lo, t.scale, levels)
 
 
 _TORCH_DTYPES = {"u1": torch.uint8, "<f4": torch.float32, "<f2": torch.float16}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import struct
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from ..errors import Reason, Rejected
 from ..params import Params, Spec
+from ..quant import check_range, dequantize, quantize
 from .schemas import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
@@ -144,9 +146,12 @@ def decode_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     """
     model = _validated(Model, unpack_map(data, max_bytes))
     for t in model.tensors:
-        width = 4 if t.dtype == "f32" else 2
-        if not _shape_ok(t.shape) or len(t.data) != math.prod(t.shape) * width:
+        header = _U8_HEADER.size if t.dtype == "u8" else 0
+        size = math.prod(t.shape) * _MODEL_WIDTH[t.dtype] + header
+        if not _shape_ok(t.shape) or len(t.data) != size:
             raise Rejected(Reason.SHAPE, f"{t.name}: {len(t.data)} bytes for {t.shape}")
+        if header:
+            check_range(t.name, *_U8_HEADER.unpack_from(t.data))
     return model
 
 
@@ -196,8 +201,21 @@ def decode_delta(
     return delta
 
 
-def model_tensors(params: Params, dtype: Literal["f32", "f16"] = "f32") -> list[FTensor]:
-    """Dense wire tensors of ``params`` (float16 halves the downlink)."""
+#: A ``u8`` model tensor's header: ``lo`` and ``scale``, little-endian float64.
+_U8_HEADER = struct.Struct("<dd")
+_MODEL_WIDTH = {"f32": 4, "f16": 2, "u8": 1}
+
+
+def model_tensors(params: Params, dtype: Literal["f32", "f16", "u8"] = "f32") -> list[FTensor]:
+    """Dense wire tensors of ``params``: exact in float32, or float16 (half the bytes),
+    or uint8 (a quarter: each value within half a quantization step)."""
+    if dtype == "u8":
+        out = []
+        for n, a in params.items():
+            q = quantize(a)
+            data = _U8_HEADER.pack(q.lo, q.scale) + q.q.tobytes()
+            out.append(FTensor(name=n, shape=list(a.shape), dtype="u8", data=data))
+        return out
     np_dtype = "<f4" if dtype == "f32" else "<f2"
     return [
         FTensor(name=n, shape=list(a.shape), dtype=dtype, data=a.astype(np_dtype).tobytes())
@@ -206,13 +224,17 @@ def model_tensors(params: Params, dtype: Literal["f32", "f16"] = "f32") -> list[
 
 
 def model_params(model: Model) -> Params:
-    """The float32 parameters carried by a Model."""
-    return {
-        t.name: np.frombuffer(t.data, dtype="<f4" if t.dtype == "f32" else "<f2")
-        .astype(np.float32)
-        .reshape(t.shape)
-        for t in model.tensors
-    }
+    """The float32 parameters carried by a (checked) Model."""
+    out: Params = {}
+    for t in model.tensors:
+        if t.dtype == "u8":
+            lo, scale = _U8_HEADER.unpack_from(t.data)
+            q = np.frombuffer(t.data, np.uint8, offset=_U8_HEADER.size)
+            out[t.name] = dequantize(lo, scale, q).reshape(t.shape)
+        else:
+            raw = np.frombuffer(t.data, dtype="<f4" if t.dtype == "f32" else "<f2")
+            out[t.name] = raw.astype(np.float32).reshape(t.shape)
+    return out
 
 
 _S = TypeVar("_S", Update, Delta)

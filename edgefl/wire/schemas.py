@@ -98,11 +98,13 @@ class Update(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class FTensor(_Strict):
-    """One dense tensor of a model: float32 or float16, little-endian."""
+    """One dense tensor of a model, little-endian: float32, float16, or ``u8``: ``lo``
+    and ``scale`` as two float64 then one byte ``q`` per value, ``x = lo + scale * q``
+    (a quarter of float32, each value within ``scale / 2``)."""
 
     name: str = Field(min_length=1, max_length=256)
     shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
-    dtype: Literal["f32", "f16"] = "f32"
+    dtype: Literal["f32", "f16", "u8"] = "f32"
     data: bytes
 
 

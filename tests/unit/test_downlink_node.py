@@ -1,6 +1,7 @@
 """A child of a real node on the memory bus: joining late it fetches the whole model,
 then follows the deltas; after a gap it fetches the whole model again. Bit-identical
-to what the node holds for its children at every version."""
+to what the node holds for its children at every version; with ``whole_model = "u8"``
+within half a quantization step of it, an offset the deltas carry unchanged."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from timeouts import within
 
 from edgefl.aggregator import Aggregator
@@ -55,12 +58,18 @@ async def _round(kids: MemoryTransport, node: Aggregator, seq: int) -> None:
             await asyncio.sleep(0.01)
 
 
+@pytest.mark.parametrize("whole_model", ["exact", "u8"])
 async def test_a_late_child_fetches_the_whole_model_then_follows_deltas_and_a_gap_refetches(
-    tmp_path: Path,
+    tmp_path: Path, whole_model: str
 ) -> None:
     broker = MemoryBroker()
     settings = AggregatorSettings(
-        id="cloud", role="cloud", state_dir=tmp_path, evaluate=False, max_weight_share=1.0
+        id="cloud",
+        role="cloud",
+        state_dir=tmp_path,
+        evaluate=False,
+        max_weight_share=1.0,
+        whole_model=whole_model,
     )
     shared: dict[int, dict[str, bytes]] = {}
     async with (
@@ -113,5 +122,18 @@ async def test_a_late_child_fetches_the_whole_model_then_follows_deltas_and_a_ga
     assert node.version == 8
     # Whole at v3, deltas to v5, whole again at v7 (its delta is from v6), then a delta.
     assert sorted(late.held) == [3, 4, 5, 7, 8]
-    assert all(late.held[v] == shared[v] for v in late.held)  # bit-identical
-    assert late.feed.gaps == 1
+    assert late.feed.gaps == 0  # back at v7 holding v5: the whole model at once, no delta first
+    if whole_model == "exact":
+        assert all(late.held[v] == shared[v] for v in late.held)  # bit-identical
+        return
+    for fetched, followed in ((3, (4, 5)), (7, (8,))):
+        for name, raw in shared[fetched].items():
+            node = np.frombuffer(raw, "f4")
+            step = (float(node.max()) - float(node.min())) / 255
+            off = np.frombuffer(late.held[fetched][name], "f4") - node
+            assert float(np.abs(off).max()) <= step / 2 * (1 + 1e-5) + 1e-7, name
+            for v in followed:  # the deltas move both the same way: the offset stays
+                moved = np.frombuffer(late.held[v][name], "f4") - np.frombuffer(
+                    shared[v][name], "f4"
+                )
+                assert np.allclose(moved, off, rtol=0, atol=1e-6), (name, v)

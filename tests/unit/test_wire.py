@@ -218,3 +218,37 @@ def test_status_and_metrics_are_json_with_a_schema_version() -> None:
     assert metrics["schema"] == 1 and metrics["role"] == "gateway" and metrics["round"] == 3
     with pytest.raises(Rejected):
         wire.decode_status(b"{not json")
+
+
+def test_a_whole_model_in_uint8_is_a_quarter_of_float32_and_within_half_a_step() -> None:
+    rng = np.random.default_rng(3)
+    params = {"w": rng.normal(0, 0.3, (64, 32)).astype(np.float32), "b": np.zeros(5, "f4")}
+    whole = wire.Model(sender="gw", version=2, tensors=wire.model_tensors(params))
+    exact = wire.encode_model(whole)
+    small = wire.Model(sender="gw", version=2, tensors=wire.model_tensors(params, "u8"))
+    data = wire.encode_model(small)
+    assert len(data) < 0.27 * len(exact)
+    got = wire.model_params(wire.decode_model(data))
+    w = params["w"]
+    step = (float(w.max()) - float(w.min())) / 255
+    assert float(np.abs(got["w"] - w).max()) <= step / 2 * (1 + 1e-5)
+    assert got["b"].tobytes() == params["b"].tobytes()  # a constant tensor is exact
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "reason"),
+    [
+        ((0.0, 1.0), 9, Reason.SHAPE),  # one value short
+        ((math.nan, 1.0), 10, Reason.NONFINITE),
+        ((0.0, -1.0), 10, Reason.NONFINITE),
+        ((3e38, 1e37), 10, Reason.NONFINITE),  # lo + 255 scale overflows float32
+    ],
+)
+def test_a_broken_uint8_model_tensor_is_rejected(
+    header: tuple[float, float], size: int, reason: Reason
+) -> None:
+    data = np.array(header, "<f8").tobytes() + b"\x01" * size
+    tensor = {"name": "w", "shape": [10], "dtype": "u8", "data": data}
+    with pytest.raises(Rejected) as exc:
+        wire.decode_model(_model_doc([tensor]))
+    assert exc.value.reason is reason
