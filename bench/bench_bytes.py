@@ -15,7 +15,12 @@ Bytes are what the devices and gateways measured (whole PUBLISH packets: header,
 topic, properties and payload), per cloud round, both tiers summed. Targets: total
 bytes per round <= 0.10x float32's, at a final accuracy within 1 point of it.
 
-Run: python bench/bench_bytes.py [--rounds 30]
+``--large``: ``simulators/large.toml`` (1,000 devices, 20 of each gateway's 100
+selected per round) as shipped (``whole_model = "u8"``) and with the whole model
+exact (the reference): the devices' bytes down against their bytes up. Target:
+down <= 2x up.
+
+Run: python bench/bench_bytes.py [--rounds 30] [--large]
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from edgefl.simulator.scenario_file import load_scenario
 
 TARGET_RATIO = 0.10
 ACCURACY_POINTS = 1.0
+LARGE_DOWN_UP = 2.0
+LARGE = Path(__file__).resolve().parents[1] / "simulators" / "large.toml"
 
 RUNS: dict[str, dict[str, Any]] = {
     "float32": {
@@ -110,11 +117,36 @@ def run(name: str, rounds: int) -> dict[str, Any]:
     }
 
 
+def large() -> int:
+    """The devices' bytes down over up in ``large``, whole model exact vs uint8."""
+    print(f"{'large':<14} {'accuracy':>8} {'loss':>7} {'down':>9} {'up':>9} {'down/up':>8}")
+    ratios = {}
+    for name, whole in (("exact", "exact"), ("u8 (shipped)", "u8")):
+        with tempfile.TemporaryDirectory() as out:
+            found = load_scenario(LARGE, **{"gateway.whole_model": whole})
+            s = run_simulation(found, out=Path(out), quiet=True).summary
+        down, up = s["device_bytes_down_measured"], s["device_bytes_up_measured"]
+        ratios[whole] = down / up
+        print(
+            f"{name:<14} {s['final_accuracy']:>8.4f} {s['final_loss']:>7.4f} "
+            f"{down / 1e6:>7.1f}MB {up / 1e6:>7.1f}MB {down / up:>8.2f}"
+        )
+    ok = ratios["u8"] <= LARGE_DOWN_UP
+    print(
+        f"large: down {ratios['u8']:.2f}x up as shipped, {ratios['exact']:.2f}x with the whole "
+        f"model exact (target <= {LARGE_DOWN_UP}): {'met' if ok else 'NOT met'}"
+    )
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--only", default=",".join(RUNS))
+    parser.add_argument("--large", action="store_true", help="the large scenario's down/up")
     args = parser.parse_args()
+    if args.large:
+        return large()
     results = [run(name, args.rounds) for name in args.only.split(",")]
     ref = next((r for r in results if r["name"] == "float32"), None)
     print(
