@@ -104,8 +104,8 @@ class Follower:
     def need(self, version: int) -> Need:
         if self.held is not None and self.version == version:
             return "none"
-        if self.held is not None and self.version == version - 1:
-            return "delta"  # the retained delta goes from the version before to ``version``
+        if self.held is not None and self.version is not None and self.version < version:
+            return "delta"
         return "model"
 
     def take_delta(self, delta: Delta) -> Params:

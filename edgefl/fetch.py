@@ -84,6 +84,8 @@ class ModelFeed:
         self.clock = clock
         #: the version a delta is awaited for, and since when
         self._delta_for: tuple[int, float] | None = None
+        #: the latest announcement's (version, base of its retained delta)
+        self._announced: tuple[int, int | None] | None = None
         self._round = topics.round(parent)
         self._delta = topics.delta(parent)
         self._model = topics.model(parent)
@@ -111,6 +113,10 @@ class ModelFeed:
         """
         out = self.base_topics()
         need = "none" if version is None else self.follower.need(version)
+        if need == "delta" and self._announced is not None and self._announced[0] == version:
+            base = self._announced[1]
+            if base is not None and base != self.follower.version:
+                need = "model"  # the delta starts from a version not held: whole at once
         if need == "delta" and version is not None:
             if self._delta_for is None or self._delta_for[0] != version:
                 self._delta_for = (version, self.clock())
@@ -140,6 +146,7 @@ class ModelFeed:
                 announcement = decode_announcement(payload)
                 self._check(announcement, self.seen)
                 self.seen = max(self.seen or 0, announcement.version)
+                self._announced = (announcement.version, announcement.base)
                 return announcement
             if topic == self._delta:
                 delta = decode_delta(payload, self.spec, max_bytes=self.max_bytes)

@@ -165,6 +165,7 @@ class Driver:
             announcement = Announcement(
                 sender=node.id,
                 version=node.version,
+                base=node.downlink.base,
                 round=rnd.number,
                 config=s.train,
                 selected=list(rnd.selected),

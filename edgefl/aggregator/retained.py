@@ -96,6 +96,9 @@ class Downlink:
         self.model = RetainedModel(transport, topics.model(node), max_message_bytes)
         #: the version published in full (delta and whole model); None: none yet
         self.version: int | None = None
+        #: the version its retained delta starts from; None: not known (a restart that
+        #: publishes its version again leaves the earlier delta) or no delta
+        self.base: int | None = None
         self._made: tuple[int, bytes | None, bytes] | None = None
         #: bytes of the last delta and whole model published
         self.delta_bytes = 0
@@ -120,6 +123,7 @@ class Downlink:
                 None if again else b"" if delta is None else encode_delta(delta),
                 encode_model(model),
             )
+            self.base = None if again or delta is None else delta.base
         _, delta_payload, model_payload = self._made
         # The delta first: a child that reads the announcement finds what it points to.
         if delta_payload is not None:

@@ -119,6 +119,9 @@ class Announcement(_Strict):
     sender: str = Field(pattern=ID_PATTERN)
     #: the model version to train from this round
     version: int = Field(ge=0, le=MAX_COUNTER)
+    #: the version the retained delta to ``version`` starts from (none: not known, or
+    #: no delta): a child holding another one fetches the whole model at once.
+    base: int | None = Field(None, ge=0, le=MAX_COUNTER)
     round: int = Field(ge=0, le=MAX_COUNTER)
     config: TrainConfig = Field(default_factory=TrainConfig)
     #: device ids asked to train this round; empty means "any eligible child".

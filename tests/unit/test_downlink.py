@@ -120,11 +120,22 @@ def test_a_child_asks_for_the_delta_only_from_the_version_before() -> None:
     follower = Follower()
     assert follower.need(3) == "model"
     follower.held, follower.version = {"b": np.zeros(8, np.float32)}, 2
-    # The retained delta starts from the version before the one it brings: a child that
-    # missed versions fetches the whole model at once, not that delta first.
-    assert (follower.need(2), follower.need(3), follower.need(5)) == ("none", "delta", "model")
+    assert (follower.need(2), follower.need(3), follower.need(5)) == ("none", "delta", "delta")
     feed = ModelFeed(T, "gw", spec=SPEC, public=None, max_jump=100)
     assert feed.wanted(None) == {T.round("gw")}
     assert feed.wanted(0) == {T.round("gw"), *T.model_filters("gw")}
     gateway = ModelFeed(T, "cloud", spec=SPEC, public=None, max_jump=100, always_delta=True)
     assert gateway.wanted(None) == {T.round("cloud"), T.delta("cloud")}
+
+
+def test_a_child_that_lacks_the_announced_delta_base_fetches_the_whole_model_at_once() -> None:
+    feed = ModelFeed(T, "gw", spec=SPEC, public=None, max_jump=100)
+    feed.follower.held, feed.follower.version = {"b": np.zeros(8, np.float32)}, 2
+    delta = {T.round("gw"), T.delta("gw")}
+    whole = {T.round("gw"), *T.model_filters("gw")}
+    for version, base, wanted in ((3, 2, delta), (5, 4, whole), (6, 2, delta), (7, None, delta)):
+        announcement = Announcement(sender="gw", version=version, base=base, round=version)
+        assert feed.on_message(T.round("gw"), encode_announcement(announcement))
+        # base 2 (held): the delta; base 4: it would not apply, so the whole model now;
+        # a version skipped (6 from 2) is still one delta; no base known: try the delta
+        assert feed.wanted(version) == wanted, version
