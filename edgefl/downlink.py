@@ -101,12 +101,17 @@ class Follower:
         self.held: Params | None = None
         self.version: int | None = None
 
-    def need(self, version: int) -> Need:
+    def need(self, version: int, base: int | None = None) -> Need:
+        """What holding ``version`` takes: nothing, its delta, or the whole model.
+
+        ``base``, where the announcement names it, is the version the retained delta
+        starts from: holding another one, the delta would not apply. Unknown, a delta
+        from any older version is tried (a gap then fetches the whole model)."""
         if self.held is not None and self.version == version:
             return "none"
-        if self.held is not None and self.version is not None and self.version < version:
-            return "delta"
-        return "model"
+        if self.held is None or self.version is None or self.version > version:
+            return "model"
+        return "delta" if base is None or base == self.version else "model"
 
     def take_delta(self, delta: Delta) -> Params:
         """Apply a checked Delta; ``Rejected(version)`` unless it starts from what is held."""

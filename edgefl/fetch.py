@@ -99,7 +99,12 @@ class ModelFeed:
         return self.follower.held
 
     def need(self, version: int) -> str:
-        return self.follower.need(version)
+        return self.follower.need(version, self._base_of(version))
+
+    def _base_of(self, version: int) -> int | None:
+        """The base of the retained delta to ``version``, if its announcement named one."""
+        announced = self._announced
+        return announced[1] if announced is not None and announced[0] == version else None
 
     def base_topics(self) -> set[str]:
         """What a child is always subscribed to."""
@@ -112,11 +117,7 @@ class ModelFeed:
         that version whole, or the delta went missing) gives way to the whole model.
         """
         out = self.base_topics()
-        need = "none" if version is None else self.follower.need(version)
-        if need == "delta" and self._announced is not None and self._announced[0] == version:
-            base = self._announced[1]
-            if base is not None and base != self.follower.version:
-                need = "model"  # the delta starts from a version not held: whole at once
+        need = "none" if version is None else self.need(version)
         if need == "delta" and version is not None:
             if self._delta_for is None or self._delta_for[0] != version:
                 self._delta_for = (version, self.clock())

@@ -121,6 +121,8 @@ def test_a_child_asks_for_the_delta_only_from_the_version_before() -> None:
     assert follower.need(3) == "model"
     follower.held, follower.version = {"b": np.zeros(8, np.float32)}, 2
     assert (follower.need(2), follower.need(3), follower.need(5)) == ("none", "delta", "delta")
+    # with the announced base of the retained delta: only a delta from what is held
+    assert (follower.need(5, base=2), follower.need(5, base=4)) == ("delta", "model")
     feed = ModelFeed(T, "gw", spec=SPEC, public=None, max_jump=100)
     assert feed.wanted(None) == {T.round("gw")}
     assert feed.wanted(0) == {T.round("gw"), *T.model_filters("gw")}
