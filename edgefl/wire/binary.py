@@ -135,6 +135,16 @@ def check_tensors(update: Update | Delta, spec: Spec | None) -> None:
         )
 
 
+#: A ``u8`` model tensor's header: ``lo`` and ``scale``, little-endian float64.
+_U8_HEADER = struct.Struct("<dd")
+#: Each model dtype's values as numpy reads them.
+_MODEL_DTYPES: dict[str, np.dtype[Any]] = {
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "u8": np.dtype("u1"),
+}
+
+
 def encode_model(model: Model) -> bytes:
     return pack_map(model.model_dump())
 
@@ -147,7 +157,7 @@ def decode_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     model = _validated(Model, unpack_map(data, max_bytes))
     for t in model.tensors:
         header = _U8_HEADER.size if t.dtype == "u8" else 0
-        size = math.prod(t.shape) * _MODEL_WIDTH[t.dtype] + header
+        size = math.prod(t.shape) * _MODEL_DTYPES[t.dtype].itemsize + header
         if not _shape_ok(t.shape) or len(t.data) != size:
             raise Rejected(Reason.SHAPE, f"{t.name}: {len(t.data)} bytes for {t.shape}")
         if header:
@@ -201,11 +211,6 @@ def decode_delta(
     return delta
 
 
-#: A ``u8`` model tensor's header: ``lo`` and ``scale``, little-endian float64.
-_U8_HEADER = struct.Struct("<dd")
-_MODEL_WIDTH = {"f32": 4, "f16": 2, "u8": 1}
-
-
 def model_tensors(params: Params, dtype: Literal["f32", "f16", "u8"] = "f32") -> list[FTensor]:
     """Dense wire tensors of ``params``: exact in float32, or float16 (half the bytes),
     or uint8 (a quarter: each value within half a quantization step)."""
@@ -216,7 +221,7 @@ def model_tensors(params: Params, dtype: Literal["f32", "f16", "u8"] = "f32") ->
             data = _U8_HEADER.pack(q.lo, q.scale) + q.q.tobytes()
             out.append(FTensor(name=n, shape=list(a.shape), dtype="u8", data=data))
         return out
-    np_dtype = "<f4" if dtype == "f32" else "<f2"
+    np_dtype = _MODEL_DTYPES[dtype]
     return [
         FTensor(name=n, shape=list(a.shape), dtype=dtype, data=a.astype(np_dtype).tobytes())
         for n, a in params.items()
@@ -232,7 +237,7 @@ def model_params(model: Model) -> Params:
             q = np.frombuffer(t.data, np.uint8, offset=_U8_HEADER.size)
             out[t.name] = dequantize(lo, scale, q).reshape(t.shape)
         else:
-            raw = np.frombuffer(t.data, dtype="<f4" if t.dtype == "f32" else "<f2")
+            raw = np.frombuffer(t.data, dtype=_MODEL_DTYPES[t.dtype])
             out[t.name] = raw.astype(np.float32).reshape(t.shape)
     return out
 
