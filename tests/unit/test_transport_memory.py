@@ -158,20 +158,17 @@ async def test_filters_follow_mqtt_rules() -> None:
         await t.close()
 
 
-async def test_a_thousand_messages_cross_the_bus_in_well_under_a_second(
+async def test_a_thousand_messages_cross_the_bus_in_order_and_without_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING)
     bus = MemoryBroker()
     rx = await _up(MemoryTransport(bus, "rx"), "u/+")
     tx = await _up(MemoryTransport(bus, "tx"))
-    loop = asyncio.get_running_loop()
-    start = loop.time()
     for i in range(1000):
         await tx.publish(f"u/{i % 7}", i.to_bytes(2, "big"))
     got = await _take(rx, 1000)
     assert [int.from_bytes(m.payload, "big") for m in got] == list(range(1000))
-    assert loop.time() - start < 0.5
     assert caplog.records == []
     await rx.close()
     await tx.close()
