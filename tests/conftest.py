@@ -36,3 +36,21 @@ def small_broker() -> Iterator[RunningBroker]:
         yield running
     finally:
         running.stop()
+
+
+#: Modules whose tests run longest (a random fault schedule, whole simulated fleets),
+#: collected first so that the workers start on them and finish the short ones together.
+LONGEST_FIRST = (
+    "test_fault_schedule.py",
+    "test_simulator.py",
+    "test_node_faults.py",
+    "test_robustness.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
