@@ -3,8 +3,9 @@
 The I/O side of ``sync.ParentSync``: takes the sync's seq from the outbox, signs and
 encodes it, stores it on disk and publishes it (QoS 1) whenever connected; reads
 the parent's receipts and stores the sync in flight again when the parent lost it.
-An entry leaves the outbox only after its PUBACK; the sync stays in flight (and in
-the checkpoint) until the parent's receipt, so no sync is lost to a parent's crash.
+The outbox drains through ``delivery.Uploader``, as a device's does; an entry leaves
+it at its PUBACK, and the sync stays in flight (and in the checkpoint) until the
+parent's receipt, so no sync is lost to a parent's crash.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from ..delivery import Uploader
 from ..outbox import Outbox
 from ..topics import Topics
-from ..transport import LOST, AnyTransport
+from ..transport import AnyTransport
 from ..wire import Announcement, encode_update, sign
 from .sync import ParentSync, Verdict
 
@@ -55,6 +57,8 @@ class ParentLink:
         self.codec = codec
         self.fraction = fraction
         self.retry_s = retry_s
+        #: one sync in flight at a time, so one publish at a time
+        self.uploader = Uploader(window=1)
         self.outbox: Outbox | None = None
         self._due = asyncio.Event()
         self._idle = asyncio.Event()
@@ -164,16 +168,15 @@ class ParentLink:
             await self._due.wait()
             self._due.clear()
             await self._requeue()
-            while entries := await asyncio.to_thread(outbox.peek, 8):
+            while await asyncio.to_thread(len, outbox):
                 self._idle.clear()
                 await self.transport.wait_connected()
-                try:
-                    for entry in entries:
-                        await self.transport.publish(entry.topic, entry.payload)
-                        await asyncio.to_thread(outbox.ack, entry.id)
-                        self._queued.discard(entry.id)
-                except LOST as exc:
-                    log.debug("%s: sync not delivered yet: %s", self.node, exc)
+                failed = self.uploader.failed
+                await self.uploader.flush(outbox, self.transport)
+                # What left the outbox was acknowledged: no longer queued in this session.
+                self._queued &= {e.id for e in await asyncio.to_thread(outbox.peek, 64)}
+                if self.uploader.failed > failed:
+                    log.debug("%s: sync not delivered; again in %.1f s", self.node, self.retry_s)
                     await asyncio.sleep(self.retry_s)
                 await self._requeue()
             self._idle.set()

@@ -7,8 +7,8 @@ update the agent computed is never lost before PUBACK nor sent under two seqs.
 
 from __future__ import annotations
 
+from ..delivery import Uploader
 from .agent import DeviceAgent, serve_device
-from .delivery import Uploader
 from .policy import DEADLINE_PASSED, decide, policy_of, selected
 from .update import Progress, UpdateEncoder
 

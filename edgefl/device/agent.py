@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, DeviceSettings
+from ..delivery import Uploader
 from ..fetch import ModelFeed
 from ..outbox import Outbox
 from ..profiles import Decision, Reading, UplinkEstimator
@@ -30,7 +31,6 @@ from ..telemetry import ByteMeter, Telemetry
 from ..topics import Topics
 from ..transport import LOST, AnyTransport, Message, TransportFactory
 from ..wire import Announcement, MetricValue, Status
-from .delivery import Uploader
 from .energy import EnergyAccount
 from .inference import Endpoint, Inference, Prediction
 from .policy import policy_of, selected

@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from edgefl.aggregator.ledger import RECEIPT_ANNOUNCEMENTS, Ledger
-from edgefl.device import Uploader
-from edgefl.device.delivery import RESEND_MIN_S
+from edgefl.delivery import RESEND_MIN_S, Uploader
 from edgefl.outbox import Outbox
 from edgefl.wire import Announcement, TrainConfig, encode_announcement
 

@@ -7,8 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edgefl.device import Uploader
-from edgefl.device.delivery import RESEND_MIN_S
+from edgefl.delivery import RESEND_MIN_S, Uploader
 from edgefl.outbox import DiskFull, Outbox
 from edgefl.transport import NotConnected, PublishTimeout
 from edgefl.wire import Announcement, TrainConfig

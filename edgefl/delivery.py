@@ -1,10 +1,12 @@
-"""Drains a device's outbox over MQTT until its node's receipt: oldest first, a window in flight.
+"""Drains an outbox over MQTT, oldest first, a window in flight: the one drainer of both tiers.
 
 A PUBACK only says the broker has the update, not that a node will fold it (none
-may be subscribed; a broker restarted without persistence has lost it). So an
-entry is marked delivered at its PUBACK and forgotten at the receipt a Model from
-its gateway carries; until then it is published again on every new MQTT session
-and whenever its receipt is late. The node folds each (sender, inc, seq) once.
+may be subscribed; a broker restarted without persistence has lost it). So a
+device's entry (stored with its seq) is marked delivered at its PUBACK and
+forgotten at the receipt a Model from its gateway carries; until then it is
+published again on every new MQTT session and whenever its receipt is late. The
+node folds each (sender, inc, seq) once. An entry stored without a seq (a node's
+sync, whose receipt ``aggregator.sync`` tracks) leaves at its PUBACK.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..outbox import DiskFull, Entry, Outbox
-from ..profiles import UplinkEstimator
-from ..transport import LOST, AnyTransport
-from ..wire import Announcement, TrainConfig
+from .outbox import DiskFull, Entry, Outbox
+from .profiles import UplinkEstimator
+from .transport import LOST, AnyTransport
+from .wire import Announcement, TrainConfig
 
 log = logging.getLogger(__name__)
 
