@@ -8,7 +8,6 @@ One pydantic model per role, documented once and reused by the CLI (flags and
 from __future__ import annotations
 
 import re
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +27,8 @@ from .sources import (
     values_only,
 )
 from .topics import ID_RE, Topics
-from .wire import TrainConfig
+from .wire import LINKS, Link, TrainConfig
 
-LinkType = Literal["ethernet", "wifi", "cellular", "unknown"]
 #: An Ed25519 key, private or public, in hex (``edgefl.signing``).
 KEY_PATTERN = r"^[0-9a-fA-F]{64}$"
 #: An HMAC key in hex: at least 16 bytes.
@@ -91,8 +89,8 @@ class PolicySettings(_Section):
     """Who may train: the same rules on the device and in the node's selection."""
 
     min_battery: float = Field(0.3, ge=0, le=1, description="unless charging")
-    allowed_links: list[LinkType] = Field(
-        default_factory=lambda: list(typing.get_args(LinkType)),
+    allowed_links: list[Link] = Field(
+        default_factory=lambda: list(LINKS),
         description="link types allowed to train",
     )
     max_temp_c: float = Field(80.0, description="skip rounds above this CPU temperature")

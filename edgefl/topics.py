@@ -8,14 +8,19 @@ and ``{node}/model``. The cloud is the node ``cloud``. Never build a topic elsew
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 from .errors import EdgeflError
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: Every id (device, node, sender): what a topic level and a wire ``sender`` may hold.
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+ID_RE = re.compile(ID_PATTERN)
 Kind = Literal["round", "delta", "model", "update", "status", "metrics"]
-ROLES: tuple[str, ...] = ("device", "gateway", "cloud")
+#: Who publishes: a device, or an aggregation node of one of the two tiers.
+Role = Literal["device", "gateway", "cloud"]
+ROLES: tuple[Role, ...] = typing.get_args(Role)
 
 
 class TopicError(EdgeflError, ValueError):

@@ -6,10 +6,10 @@ Plain data, shared by the OS readers, the simulated models and the policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-Link = Literal["ethernet", "wifi", "cellular", "unknown"]
-LINKS: tuple[Link, ...] = ("ethernet", "wifi", "cellular", "unknown")
+from ..wire.schemas import LINKS, Link
+
+__all__ = ["LINKS", "Link", "Reading"]
 
 
 @dataclass

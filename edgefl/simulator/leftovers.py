@@ -7,15 +7,14 @@ run's node ids are touched, never another fleet's topics.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import Collection
 
 from ..config import MqttSettings
+from ..supervise import bounded
 from ..topics import TopicError, Topics
-from ..transport import Transport
+from ..transport import Message, Transport
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,7 @@ async def clear_retained(
     await transport.subscribe(f"{prefix}/#", qos=1)
     async with transport:
         await transport.wait_connected(LIMIT_S)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(_collect(transport, topics, nodes, found), LIMIT_S)
+        await bounded(_collect(transport, topics, nodes, found), LIMIT_S)
         for topic in found:
             await transport.publish(topic, b"", retain=True)
     log.info("cleared %d retained messages of the run on %s", len(found), broker)
@@ -57,10 +55,14 @@ async def _collect(
     transport: Transport, topics: Topics, nodes: Collection[str], found: list[str]
 ) -> None:
     messages = transport.messages().__aiter__()
-    while True:
-        try:
-            message = await asyncio.wait_for(messages.__anext__(), QUIET_S)
-        except (asyncio.TimeoutError, StopAsyncIteration):
+    taken: list[Message | None] = []
+
+    async def take() -> None:
+        taken.append(await anext(messages, None))
+
+    while await bounded(take(), QUIET_S):  # until the broker has been quiet that long
+        message = taken.pop()
+        if message is None:
             return
         if message.retain and message.payload and owned(topics, message.topic, nodes):
             found.append(message.topic)

@@ -36,6 +36,7 @@ from .monitoring import (
 from .schemas import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ID_PATTERN,
+    LINKS,
     MAX_COUNTER,
     MONITOR_SCHEMA,
     SCHEMA_VERSION,
@@ -43,6 +44,7 @@ from .schemas import (
     Count,
     Delta,
     FTensor,
+    Link,
     Model,
     Ordinal,
     QTensor,
@@ -55,6 +57,7 @@ from .schemas import (
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "ID_PATTERN",
+    "LINKS",
     "MAX_ANNOUNCEMENT_BYTES",
     "MAX_COUNTER",
     "MAX_ELEMENTS",
@@ -64,6 +67,7 @@ __all__ = [
     "Count",
     "Delta",
     "FTensor",
+    "Link",
     "MetricValue",
     "Model",
     "Ordinal",

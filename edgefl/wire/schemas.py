@@ -5,15 +5,17 @@ the training config (pydantic), Status (JSON). Limits live in the types. No I/O 
 from __future__ import annotations
 
 import time
+import typing
 from typing import Annotated, Literal
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..topics import ID_PATTERN, Role
+
 SCHEMA_VERSION = 1
 #: Version of the JSON monitoring payloads (Status, Metrics).
 MONITOR_SCHEMA = 1
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -166,16 +168,21 @@ class Delta(msgspec.Struct, forbid_unknown_fields=True):
     sig: bytes | None = None
 
 
+#: How a child reaches its node: in its Status, its Reading, and eligibility rules.
+Link = Literal["ethernet", "wifi", "cellular", "unknown"]
+LINKS: tuple[Link, ...] = typing.get_args(Link)
+
+
 class Status(_Strict):
     """Liveness and profile of a child, retained, JSON. The LWT is ``online: false``."""
 
     schema_: int = Field(MONITOR_SCHEMA, alias="schema")
     online: bool
-    role: Literal["device", "gateway", "cloud"] = "device"
+    role: Role = "device"
     id: str = Field("", max_length=64)
     battery: float | None = Field(None, ge=0, le=1)
     charging: bool = True
-    link: Literal["ethernet", "wifi", "cellular", "unknown"] = "unknown"
+    link: Link = "unknown"
     uplink_kbps: float | None = Field(None, ge=0)
     buffered: int = Field(0, ge=0)
     model_version: int | None = None

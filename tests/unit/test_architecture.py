@@ -52,3 +52,22 @@ def test_every_module_the_extension_table_names_exists() -> None:
     table = DOC.read_text().split("## 6. Extension points", 1)[1]
     for path in re.findall(r"`(edgefl/[\w/]+\.py)`", table):
         assert (ROOT / path).is_file(), path
+
+
+def _occurrences(pattern: str) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "edgefl").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(pattern, line) and not line.lstrip().startswith("#")
+    ]
+
+
+def test_the_kinds_of_link_are_written_once() -> None:
+    """Status, Reading and the eligibility settings share one ``Link``."""
+    assert len(_occurrences(r'"ethernet",\s*"wifi",\s*"cellular"')) == 1
+
+
+def test_no_asyncio_wait_for() -> None:
+    """Before Python 3.12 it can swallow a cancellation; ``supervise`` has the safe forms."""
+    assert [p for p in _occurrences(r"asyncio\.wait_for\(") if "supervise.py" not in p] == []
