@@ -21,7 +21,7 @@ from .base import (
     publish_size,
 )
 from .chunks import Reassembler, chunk_source, chunk_topic, is_chunk, split
-from .link import OnConnect
+from .connection import OnConnect
 from .memory import MemoryBroker, MemoryTransport
 from .mqtt import SESSION_EXPIRY_S, Transport, tls_context
 

@@ -27,7 +27,7 @@ from .base import (
     TransportFactory,
     Will,
 )
-from .link import Link, OnConnect
+from .connection import Connection, OnConnect
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class MemoryBroker:
                 session.queued.append(message)
 
 
-class MemoryTransport(Link):
+class MemoryTransport(Connection):
     """One client of a ``MemoryBroker``; the same surface as ``Transport``."""
 
     outages = (NotConnected,)

@@ -25,7 +25,7 @@ from ..supervise import all_completed, first_completed
 from ..wire import Reason, Rejected
 from .base import Message, NotConnected, PublishTimeout, Will
 from .chunks import Reassembler, chunk_source, chunk_topic, is_chunk, split
-from .link import Link, OnConnect
+from .connection import Connection, OnConnect
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _no_delay(client: aiomqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class Transport(Link):
+class Transport(Connection):
     """A long-lived MQTT session that survives broker restarts and network loss."""
 
     outages = (aiomqtt.MqttError, _NoSubAck, NotConnected)

@@ -1,7 +1,7 @@
 """What every transport backend shares: the reconnect loop, the connection state, the inbox.
 
 A backend says how one connection is made and how it ends (``_connection``,
-``_until_lost``); ``Link`` owns the task that keeps making them, with back-off,
+``_until_lost``); ``Connection`` owns the task that keeps making them, with back-off,
 and logs whatever ends one. It never talks to a broker itself.
 """
 
@@ -23,7 +23,7 @@ from .base import Message, TransportClosed, Will, publish_size
 log = logging.getLogger(__name__)
 
 OnConnect = Callable[[], Awaitable[None]]
-_L = TypeVar("_L", bound="Link")
+_L = TypeVar("_L", bound="Connection")
 
 
 class Inbox:
@@ -60,7 +60,7 @@ class Inbox:
             await self._wake.wait()
 
 
-class Link(abc.ABC):
+class Connection(abc.ABC):
     """One client's session with a broker, kept alive by a task this object owns."""
 
     #: exceptions that mean "the broker cannot be reached" (logged once per outage);
