@@ -7,6 +7,10 @@ queue alone, so what is timed is the receiver, not the publisher:
 
 - ingest: the gateway (receive, decode, validate, fold) vs a plain aiomqtt
   subscriber that only counts the same messages; reference: the bare rate.
+  Beside them, what the same numeric work costs outside edgefl: a plain
+  subscriber that decodes each update with msgspec and takes its norm and fold
+  in torch as the u8 codec does (no checks, ledger or journal): the gateway over
+  it is what edgefl's own per-update work costs.
 - memory: peak RSS of a gateway process whose round folds 1,000 updates vs one
   whose round folds 10; reference: the 10-update process.
 
@@ -27,11 +31,14 @@ import time
 from typing import Any
 
 import aiomqtt
+import msgspec
 import numpy as np
+import torch
 
 from edgefl.aggregator import Aggregator
 from edgefl.broker import start_mosquitto
 from edgefl.codecs import encode_params
+from edgefl.codecs.base import TORCH_FOLD_MIN
 from edgefl.config import AggregatorSettings
 from edgefl.params import Params, Spec, spec_of
 from edgefl.tasks import set_torch_threads
@@ -43,6 +50,7 @@ MAX_MEMORY_RATIO = 1.2  # peak RSS, 1,000-update round / 10-update round
 SHAPES = {"fc1.weight": (392, 256), "fc1.bias": (392,), "fc2.weight": (10, 392), "fc2.bias": (10,)}
 TOPICS = Topics()
 BARE_ID = "bench-bare"
+WORK_ID = "bench-bare-work"
 INGEST = "gw-ingest"  # the gateway whose updates the bare subscriber counts too
 
 
@@ -94,8 +102,11 @@ async def register(broker: str, gateway: str, state: str, bare: bool) -> None:
         await node.transport.wait_connected(30)
     if bare:
         host, _, port = broker.rpartition(":")
-        async with aiomqtt.Client(host, int(port), identifier=BARE_ID, clean_session=False) as c:
-            await c.subscribe(TOPICS.updates_of(gateway), qos=1)  # the same messages
+        for client_id in (BARE_ID, WORK_ID):
+            async with aiomqtt.Client(
+                host, int(port), identifier=client_id, clean_session=False
+            ) as c:
+                await c.subscribe(TOPICS.updates_of(gateway), qos=1)  # the same messages
 
 
 async def publish(broker: str, plan: dict[str, int]) -> None:
@@ -144,12 +155,46 @@ async def drain_gateway(broker: str, gateway: str, updates: int, state: str) -> 
     }
 
 
-async def drain_bare(broker: str, count: int) -> dict[str, Any]:
-    """Resume the bare subscriber's session and only count its queued messages."""
+def _numeric_work() -> Any:
+    """The norm and fold of one u8 update as the codec computes them, with no edgefl:
+    large tensors widened once in torch, small ones in numpy."""
+    set_torch_threads(1)
+    sizes = {n: math.prod(s) for n, s in SHAPES.items()}
+    wide = {n: torch.empty(k) for n, k in sizes.items()}
+    acc = {n: np.zeros(k, np.float32) for n, k in sizes.items()}
+    view = {n: torch.from_numpy(a) for n, a in acc.items()}
+    norms: list[float] = []
+
+    def work(payload: bytes) -> None:
+        total = 0.0
+        for t in msgspec.msgpack.decode(payload)["tensors"]:
+            name, lo, sc = t["name"], t["lo"], t["scale"]
+            if sizes[name] >= TORCH_FOLD_MIN:
+                buf = wide[name]
+                buf.copy_(torch.frombuffer(t["q"], dtype=torch.uint8))
+                s1, s2 = float(buf.sum()), float(buf.dot(buf))
+                view[name].add_(buf, alpha=sc)
+            else:
+                a = np.frombuffer(t["q"], np.uint8).astype(np.float32)
+                s1, s2 = float(a.sum()), float(a @ a)
+                acc[name] += a * np.float32(sc)
+            total += sizes[name] * lo * lo + 2.0 * lo * sc * s1 + sc * sc * s2
+        norms.append(math.sqrt(total))
+
+    return work
+
+
+async def drain_bare(broker: str, count: int, work: bool = False) -> dict[str, Any]:
+    """Resume a bare subscriber's session and count its queued messages; with ``work``,
+    also decode, measure and fold each as the gateway must."""
     host, _, port = broker.rpartition(":")
     seen, first = 0, 0.0
-    async with aiomqtt.Client(host, int(port), identifier=BARE_ID, clean_session=False) as c:
+    client_id, per_message = (WORK_ID, _numeric_work()) if work else (BARE_ID, None)
+    async with aiomqtt.Client(host, int(port), identifier=client_id, clean_session=False) as c:
         async for message in c.messages:
+            if per_message is not None:
+                assert isinstance(message.payload, bytes)
+                per_message(message.payload)
             seen += 1
             if seen == 1:
                 first = time.perf_counter()
@@ -205,16 +250,18 @@ def main() -> int:
         # Trials of the same N updates, queued for both receivers and drained one after
         # the other, in alternating order; the best run of each receiver is the one least
         # disturbed by whatever else the machine ran.
-        bare_runs, gw_runs = [], []
+        runs: dict[str, list[dict[str, Any]]] = {"bare": [], "gateway": [], "bare-work": []}
         for t, gateway in enumerate(ingest):
             run("publish", "--plan", json.dumps({gateway: n}))
-            for role in ("bare", "gateway") if t % 2 == 0 else ("gateway", "bare"):
-                runs = bare_runs if role == "bare" else gw_runs
-                runs.append(run(role, "--gateway", gateway, "--count", str(n)))
+            order = list(runs) if t % 2 == 0 else list(reversed(runs))
+            for role in order:
+                runs[role].append(run(role, "--gateway", gateway, "--count", str(n)))
+        bare_runs, gw_runs, work_runs = runs["bare"], runs["gateway"], runs["bare-work"]
         elapsed = time.perf_counter() - started
 
     bare = max(bare_runs, key=lambda r: r["rate"])
     gw = max(gw_runs, key=lambda r: r["rate"])
+    work = max(work_runs, key=lambda r: r["rate"])
     rate_ratio = gw["rate"] / bare["rate"]
     mem_ratio = mem_large["peak_rss_mb"] / mem_small["peak_rss_mb"]
     per_trial = ", ".join(
@@ -231,6 +278,8 @@ def main() -> int:
         f"{gw['receive_us']:.0f} us of decode, checks and fold at the gateway",
         f"         best over best {rate_ratio:.2f} (target >= {MIN_RATE_RATIO})  "
         f"{_verdict(rate_ok)}; trial by trial: {per_trial}",
+        f"         bare + the same decode, norm and fold:  {work['rate']:8.0f} updates/s "
+        f"(msgspec and torch, no checks): gateway over it {gw['rate'] / work['rate']:.2f}",
         f"memory   gateway peak RSS, a round of {large:>5} updates: "
         f"{mem_large['peak_rss_mb']:7.1f} MiB ({mem_large['folded']} folded)",
         f"         gateway peak RSS, a round of {small:>5} updates: "
@@ -248,8 +297,8 @@ def _role(args: argparse.Namespace) -> int:
         asyncio.run(register(args.broker, args.gateway, args.state, bare))
     elif args.role == "publish":
         asyncio.run(publish(args.broker, json.loads(args.plan)))
-    elif args.role == "bare":
-        result = asyncio.run(drain_bare(args.broker, args.count))
+    elif args.role in ("bare", "bare-work"):
+        result = asyncio.run(drain_bare(args.broker, args.count, work=args.role == "bare-work"))
     elif args.role == "gateway":
         result = asyncio.run(drain_gateway(args.broker, args.gateway, args.count, args.state))
     print(json.dumps(result))
