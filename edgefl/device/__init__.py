@@ -1,13 +1,13 @@
 """The device agent: receive a model, train on local data, send back a quantized update.
 
 ``agent`` is the asyncio shell; ``update`` (encoding, persisted progress), ``policy``
-(whether to take a round) and ``delivery`` (draining the outbox) are its parts. An
-update the agent computed is never lost before PUBACK nor sent under two seqs.
+(whether to take a round) and ``rounds`` are its parts; ``edgefl.delivery`` drains
+its outbox. An update the agent computed leaves the device only on its node's
+receipt, and is never sent under two seqs.
 """
 
 from __future__ import annotations
 
-from ..delivery import Uploader
 from .agent import DeviceAgent, serve_device
 from .policy import DEADLINE_PASSED, decide, policy_of, selected
 from .update import Progress, UpdateEncoder
@@ -17,7 +17,6 @@ __all__ = [
     "DeviceAgent",
     "Progress",
     "UpdateEncoder",
-    "Uploader",
     "decide",
     "policy_of",
     "selected",

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from edgefl import wire
+from edgefl import delivery, wire
 from edgefl.broker import RunningBroker, start_mosquitto
 from edgefl.config import DeviceSettings, MqttSettings
-from edgefl.device import DeviceAgent, agent, delivery
+from edgefl.device import DeviceAgent, agent
 from edgefl.params import Params, spec_of
 from edgefl.tasks import DeviceData, TrainResult
 from edgefl.topics import Topics
