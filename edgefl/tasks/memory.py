@@ -11,11 +11,11 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import psutil
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointFunction
 
 from ..errors import EdgeflError
 
@@ -160,10 +160,11 @@ def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
 def enable_checkpointing(model: nn.Module) -> int:
     """Make every marked block recompute its activations in backward; returns how many.
 
-    The reentrant form (``CheckpointFunction``): the other one, and the
-    ``checkpoint`` wrapper, import torch._dynamo (about 70 MiB). A block whose
-    input needs no gradient runs as it is, since the reentrant form would give
-    its parameters none.
+    ``Recompute``, not torch's checkpoint: its non-reentrant form (and the
+    ``checkpoint`` wrapper) imports torch._dynamo, about 70 MiB, and its reentrant
+    form sympy, about 30 MiB, at the first backward: on a board short of memory,
+    the moment it can least afford them. A block whose input needs no gradient runs
+    as it is, since recomputing would give its parameters none.
     """
     blocks = checkpoint_blocks(model)
     for block in blocks:
@@ -171,11 +172,56 @@ def enable_checkpointing(model: nn.Module) -> int:
 
         def checkpointed(x: torch.Tensor, forward: Callable[..., torch.Tensor] = forward) -> object:
             if torch.is_grad_enabled() and x.requires_grad:
-                return CheckpointFunction.apply(forward, True, x)
+                return Recompute.apply(forward, x)
             return forward(x)
 
         block.forward = checkpointed
     return len(blocks)
+
+
+class Recompute(torch.autograd.Function):
+    """``forward(x)`` keeping only ``x``; run again in backward, under the same autocast
+    and random state (a dropout draws the same mask)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.block = forward
+        ctx.autocast = _autocast_now(x.device.type)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor | None]:
+        (saved,) = ctx.saved_tensors
+        x = saved.detach().requires_grad_(True)
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            with torch.enable_grad():
+                with ctx.autocast:
+                    out = ctx.block(x)
+                # The backward of a scalar: the same vector-Jacobian product as
+                # ``backward(out, grad)``, whose explicit-gradient check imports sympy.
+                (out * grad).sum().backward()
+        return None, x.grad
+
+
+def _autocast_now(device_type: str) -> torch.autocast:
+    """The autocast in force for ``device_type``, to enter again in backward."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: one function per device type
+        cpu = device_type == "cpu"
+        enabled = getattr(torch, "is_autocast_cpu_enabled" if cpu else "is_autocast_enabled")()
+        dtype = getattr(torch, "get_autocast_cpu_dtype" if cpu else "get_autocast_gpu_dtype")()
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 def disable_checkpointing(model: nn.Module) -> None:

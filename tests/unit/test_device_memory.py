@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 import torch
 from timeouts import within
+from torch import nn
 from torch.nn import functional as F
 
 from edgefl.config import DeviceSettings
 from edgefl.device import DeviceAgent
 from edgefl.tasks import load_task, set_torch_threads
 from edgefl.tasks.digits import DigitsTask
-from edgefl.tasks.memory import OutOfMemory, plan_batches
+from edgefl.tasks.memory import OutOfMemory, enable_checkpointing, plan_batches
 from edgefl.tasks.training import train_module
 from edgefl.topics import Topics
 from edgefl.transport import MemoryBroker, MemoryTransport
@@ -213,8 +214,54 @@ LEAN = textwrap.dedent("""
 """)
 
 
-def test_the_device_path_imports_no_heavy_libraries() -> None:
+#: A round short of memory, where the deep MLP checkpoints its blocks: the moment a
+#: small board can least afford an import.
+CHECKPOINTED = LEAN.replace(
+    'task = load_task("digits")',
+    'task = load_task("digits", model="deep", depth=3, width=32)',
+).replace("TrainConfig(epochs=1))", "TrainConfig(epochs=1), free_memory_mb=0.2)")
+
+
+@pytest.mark.parametrize("script", [LEAN, CHECKPOINTED], ids=["plain", "checkpointed"])
+def test_the_device_path_imports_no_heavy_libraries(script: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", LEAN], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_recomputed_block_gives_the_gradients_of_the_plain_one(autocast: bool) -> None:
+    """The same random draws (a dropout's mask) and the same autocast in the recompute."""
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.ReLU()) for _ in range(3)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = x + block(x)
+            return x.float().sum()
+
+        def checkpoint_blocks(self) -> list[nn.Module]:
+            return list(self.blocks)
+
+    def grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    torch.manual_seed(0)
+    plain, x = Deep(), torch.randn(8, 16, requires_grad=True)
+    recomputed = Deep()
+    recomputed.load_state_dict(plain.state_dict())
+    assert enable_checkpointing(recomputed) == 3
+    expected, got = grads(plain, x), grads(recomputed, x)
+    assert len(got) == len(expected) == 6
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
