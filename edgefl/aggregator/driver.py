@@ -53,6 +53,7 @@ class Driver:
         node = self.node
         await node.transport.wait_connected()
         await asyncio.sleep(STARTUP_GRACE_S)
+        await node._heartbeat()
         if not await self.adopt_parent():
             await self.announce()
         for (sender, _, _), payload in node._replay_later:  # now the round is announced
@@ -67,9 +68,13 @@ class Driver:
         """One pass of the driver: whatever is due now, then sleep until something is."""
         node = self.node
         node._wake.clear()
+        # First: the branches below return as soon as they open or close a round, and a
+        # busy node's steps all do; its parent must know it before its sync arrives.
+        if node._status_due or node.clock() >= node._heartbeat_at:
+            await node._heartbeat()
+        await self.fetch()
         now = node.clock()
         rnd = node.round
-        await self.fetch()
         if await self.adopt_parent():
             return
         if rnd.announced:
@@ -85,8 +90,6 @@ class Driver:
         elif now >= max(node._wait_until, self.opens_at):
             await self.announce()
             return
-        if node._status_due or now >= node._heartbeat_at:
-            await node._heartbeat()
         due = node.round.deadline if rnd.announced else node._wait_until
         wake_at = min(max(due, self.opens_at), node._heartbeat_at)
         await wait_event(node._wake, max(0.0, wake_at - node.clock()) + 0.01)

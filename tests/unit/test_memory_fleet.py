@@ -101,3 +101,53 @@ async def test_a_device_on_the_memory_bus_trains_the_model_it_is_sent(tmp_path: 
                 await runner
     assert (update.sender, update.seq, update.round, update.base) == ("dev-1", 0, 0, 0)
     assert update.n == len(task.device_data(0, 8))
+
+
+async def test_a_gateway_whose_rounds_close_at_once_still_tells_its_parent_it_is_there(
+    tmp_path: Path,
+) -> None:
+    """A step that closes a round publishes a due Status first: the parent knows its
+    child before the child's sync, however fast the rounds go (a step that closes or
+    opens a round returns at once, and a busy gateway's steps all do)."""
+    broker = MemoryBroker()
+    settings = AggregatorSettings(
+        id="gw", role="gateway", parent="cloud", state_dir=tmp_path, evaluate=False,
+        min_updates=1, sync_every=1, max_weight_share=1.0,
+    )  # fmt: skip
+    async with (
+        MemoryTransport(broker, "cloud-side") as cloud,
+        MemoryTransport(broker, "a") as child,
+        Aggregator(settings, TinyTask(), transport=broker.factory()) as node,
+    ):
+        await cloud.subscribe(TOPICS.status("cloud", "gw"))
+        await cloud.subscribe(TOPICS.update("cloud", "gw"))
+        seen: list[str] = []
+
+        async def watch() -> None:
+            async for msg in cloud.messages():
+                seen.append("status" if "/status/" in msg.topic else "sync")
+
+        assert node.link is not None
+        watcher, flusher = asyncio.create_task(watch()), None
+        try:
+            await node.transport.wait_connected(5)
+            status = encode_status(Status(online=True, id="a"))
+            await child.publish(TOPICS.status("gw", "a"), status, retain=True)
+            await node.driver.announce()
+            node.receive.on_update("a", encode_update(make_update("a", 0, delta_of(0))))
+            await node.driver.step()  # closes the round and stores the sync
+            assert node.aggregations == 1 and node.link.buffered == 1
+            async with within(5):
+                while "status" not in seen:
+                    await asyncio.sleep(0.01)
+            flusher = asyncio.create_task(node.link.flush())
+            async with within(5):
+                while "sync" not in seen:
+                    await asyncio.sleep(0.01)
+        finally:
+            for t in (watcher, flusher):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+    assert seen == ["status", "sync"]
