@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from ..device import UpdateEncoder
 from ..outbox import Outbox
 from ..tasks import DeviceData, TrainResult
 from ..wire import QTensor, TrainConfig
+
+log = logging.getLogger(__name__)
 
 #: Largest real sleep taken in one go, so that a stop is noticed quickly.
 SLEEP_SLICE_S = 0.05
@@ -232,6 +235,7 @@ class SimulatedTask:
 
         result = self.runner(work, stop)
         real_train_s = timing[0]
+        _warn_if_host_too_slow(real_train_s, self.clock.time_scale, cfg.deadline_s)
         sim_train_s = real_train_s / self.profile.speed
         download_s = self.profile.link.download_delay_s(self.model_bytes)
         self.tally.sim_train_s += sim_train_s
@@ -243,6 +247,33 @@ class SimulatedTask:
             result.delta = attack_delta(result.delta, self.attack, self.attack_scale)
         result.metrics["sim_train_s"] = sim_train_s
         return result
+
+
+#: A real training longer than this share of the round deadline leaves too little
+#: of the round for the rest: the host is too slow for the scenario's clock.
+SLOW_HOST_SHARE = 0.5
+_slow_host_told = threading.Event()
+
+
+def _warn_if_host_too_slow(real_s: float, time_scale: float, deadline_s: float) -> None:
+    """Say once per process when the host's compute takes a device past half its round.
+
+    The nodes' deadlines are real seconds here (simulated ones over ``time_scale``),
+    and no clock compresses real compute: such devices miss rounds for want of CPU,
+    not by the scenario's design.
+    """
+    if real_s <= SLOW_HOST_SHARE * deadline_s or _slow_host_told.is_set():
+        return
+    _slow_host_told.set()
+    log.warning(
+        "this machine is too slow for time_scale %g: one training took %.2f s, over half the "
+        "round's deadline of %.2f s (%.0f simulated seconds); devices will miss rounds "
+        "(a lower --time-scale gives them time)",
+        time_scale,
+        real_s,
+        deadline_s,
+        deadline_s * time_scale,
+    )
 
 
 def warm_up(task: Any, seed: int, shard: int, num_shards: int) -> None:

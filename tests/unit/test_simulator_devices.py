@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from edgefl.config import DeviceSettings
 from edgefl.params import l2_norm
 from edgefl.profiles import MarkovConnectivity, SimBattery, SimLink, SimProfile, SimReader
+from edgefl.simulator import devices
 from edgefl.simulator.devices import (
     CountingOutbox,
     DeviceTally,
@@ -198,3 +201,26 @@ def test_stop_tasks_ends_a_loop_that_swallowed_its_cancellation() -> None:
         assert time.monotonic() - start < 2.0
 
     asyncio.run(main())
+
+
+def test_a_host_too_slow_for_the_clock_is_told_once(
+    task: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nodes' deadlines are real seconds in a simulation: 60 simulated seconds at
+    10^6 of them a second leave a training 60 µs."""
+    monkeypatch.setattr(devices, "_slow_host_told", threading.Event())
+    caplog.set_level(logging.WARNING, logger="edgefl.simulator.devices")
+    params, data = task.init_params(0), task.device_data(0, 40)
+
+    def sim(name: str, time_scale: float) -> SimulatedTask:
+        clock = SimClock(time.time(), time_scale)
+        return SimulatedTask(task, profile(), clock, DeviceTally(name, "g", "c"), model_bytes=1)
+
+    sim("a", 1.0).train(params, data, TrainConfig(epochs=1, deadline_s=60.0))
+    assert caplog.records == []
+    slow = sim("b", 1e6)
+    for _ in range(2):
+        slow.train(params, data, TrainConfig(epochs=1, deadline_s=60.0 / 1e6))
+    (record,) = caplog.records
+    assert "too slow for time_scale 1e+06" in record.getMessage()
+    assert "--time-scale" in record.getMessage()
