@@ -121,7 +121,7 @@ def test_flaky_devices_deliver_buffered_updates_late_and_once(tmp_path: Path) ->
     assert s["final_accuracy"] >= 0.8
 
 
-def test_guards_keep_adversarial_devices_from_hurting_accuracy(tmp_path: Path) -> None:
+def test_guards_refuse_adversarial_updates_and_the_fleet_still_learns(tmp_path: Path) -> None:
     _, s = simulate("adversarial", "--out", str(tmp_path), *SLOWER_CLOCK)
     # One scaler and one NaN sender, one update per round of their gateway each: a
     # 50x-scaled delta is clipped while no recent norms are known, refused as absurd
