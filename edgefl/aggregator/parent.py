@@ -168,18 +168,23 @@ class ParentLink:
             await self._due.wait()
             self._due.clear()
             await self._requeue()
-            while await asyncio.to_thread(len, outbox):
+            while await asyncio.to_thread(self._stored):
                 self._idle.clear()
                 await self.transport.wait_connected()
                 failed = self.uploader.failed
                 await self.uploader.flush(outbox, self.transport)
                 # What left the outbox was acknowledged: no longer queued in this session.
-                self._queued &= {e.id for e in await asyncio.to_thread(outbox.peek, 64)}
+                self._queued &= await asyncio.to_thread(self._stored)
                 if self.uploader.failed > failed:
                     log.debug("%s: sync not delivered; again in %.1f s", self.node, self.retry_s)
                     await asyncio.sleep(self.retry_s)
                 await self._requeue()
             self._idle.set()
+
+    def _stored(self) -> set[int]:
+        """The ids of every entry still in the outbox (blocking: run it in a thread)."""
+        outbox = self._outbox()
+        return {e.id for e in outbox.peek(len(outbox))}
 
     @property
     def idle(self) -> asyncio.Event:
